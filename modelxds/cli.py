@@ -1,0 +1,223 @@
+"""`modelxds` command line. Every flag can also be set by an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from modelxds.modelmesh import DEFAULT_ROOT_PREFIX, DEFAULT_SERVICE_NAME, Layout
+from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
+
+DEFAULT_NAMESPACE = "modelmesh-serving"
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+DEFAULT_XDS = "0.0.0.0:18000"
+
+
+def _env(flag: str) -> str:
+    return "MODELXDS_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _add(p: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
+    """A flag whose default comes from MODELXDS_<FLAG> when set."""
+    env = _env(flag)
+    if env in os.environ:
+        raw = os.environ[env]
+        if kw.get("action") == "append":
+            kw["default"] = [v.strip() for v in raw.split(",") if v.strip()]
+        elif kw.get("action") == "store_true":
+            kw["default"] = raw.lower() in ("1", "true", "yes")
+        else:
+            kw["default"] = kw.get("type", str)(raw)
+    default = kw.get("default")
+    shown = f" (default: {default})" if default not in (None, False, []) else ""
+    p.add_argument(flag, help=f"{help}{shown} [env {env}]", **kw)
+
+
+def _etcd_flags(p: argparse.ArgumentParser) -> None:
+    _add(p, "--etcd", "etcd endpoint URL", default=DEFAULT_ETCD)
+    _add(
+        p,
+        "--root-prefix",
+        "ModelMesh root prefix; repeat (or comma-separate in env) to watch several namespaces; "
+        f"'<RP>/mm_ns/<ns>' is namespace <ns> (default: {DEFAULT_ROOT_PREFIX})",
+        action="append",
+    )
+    _add(p, "--namespace", "namespace of a root prefix without /mm_ns/", default=DEFAULT_NAMESPACE)
+    _add(p, "--service-name", "ModelMesh service name", default=DEFAULT_SERVICE_NAME)
+    _add(
+        p,
+        "--loaded-after-ms",
+        "a copy counts as loaded this long after its load started",
+        type=int,
+        default=DEFAULT_LOADED_AFTER_MS,
+    )
+
+
+def _layouts(args: argparse.Namespace) -> list[tuple[str, Layout]]:
+    prefixes = args.root_prefix or [DEFAULT_ROOT_PREFIX]
+    out = []
+    for rp in prefixes:
+        layout = Layout(rp, args.service_name)
+        out.append((layout.namespace(args.namespace), layout))
+    names = [ns for ns, _ in out]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"error: two root prefixes map to the same namespace: {names}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelxds",
+        description="xDS control plane that routes each inference request to a ModelMesh "
+        "pod holding its model.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MODELXDS_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR [env MODELXDS_LOG_LEVEL]",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="watch etcd and serve xDS to Envoy gateways")
+    _etcd_flags(serve)
+    _add(
+        serve,
+        "--policy",
+        "DestinationRule/VirtualService YAML file or directory (default: the built-in "
+        "seed policy: subset key modelmesh.asm.alibabacloud.com, header 'model', port 8008)",
+    )
+    _add(serve, "--xds-address", "ADS gRPC listen address HOST:PORT", default=DEFAULT_XDS)
+    _add(
+        serve,
+        "--metrics-address",
+        "Prometheus /metrics HOST:PORT (empty: off)",
+        default="0.0.0.0:9091",
+    )
+    _add(serve, "--listen-address", "address gateway listeners bind to", default="0.0.0.0")
+    _add(
+        serve,
+        "--debounce-quiet-ms",
+        "push after this long without placement change",
+        type=int,
+        default=100,
+    )
+    _add(
+        serve,
+        "--debounce-max-ms",
+        "push at the latest this long after a change",
+        type=int,
+        default=1000,
+    )
+    _add(
+        serve,
+        "--update-merge-window-ms",
+        "Envoy cluster update_merge_window for endpoint metadata updates",
+        type=int,
+        default=50,
+    )
+
+    boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap (YAML) for a gateway")
+    _add(boot, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
+    _add(boot, "--node-id", "the gateway's node id (shown in modelxds logs)", default="gateway")
+    _add(boot, "--admin-address", "Envoy admin HOST:PORT", default="127.0.0.1:15000")
+    _add(boot, "--cluster", "the gateway's node cluster", default="modelxds-gateway")
+
+    show = sub.add_parser("placement", help="print the placement modelxds sees in etcd")
+    _etcd_flags(show)
+    _add(show, "--json", "machine-readable output", action="store_true", default=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "bootstrap":
+        from modelxds.xds.bootstrap import bootstrap
+
+        try:
+            doc = bootstrap(args.xds, args.node_id, args.admin_address, cluster=args.cluster)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+        return 0
+    if args.command == "placement":
+        return asyncio.run(_placement(args))
+    from modelxds.serve import serve
+
+    return asyncio.run(serve(args, _layouts(args)))
+
+
+async def _placement(args: argparse.Namespace) -> int:
+    from modelxds.placement.watch import PlacementWatcher
+
+    watcher = PlacementWatcher(args.etcd, _layouts(args), loaded_after_ms=args.loaded_after_ms)
+    try:
+        await asyncio.wait_for(watcher.list_once(), 30)
+    except Exception as e:
+        print(f"error: cannot read etcd at {args.etcd}: {e}", file=sys.stderr)
+        return 1
+    report = placement_report(watcher.snapshot(), watcher.invalid_records())
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def placement_report(placement: Placement, invalid: dict[str, str]) -> dict[str, Any]:
+    meshes = {}
+    for ns, mesh in placement.meshes.items():
+        meshes[ns] = {
+            "instances": {
+                i.id: {"address": i.host, "zone": i.zone, "models": i.model_count}
+                for i in mesh.instances.values()
+            },
+            "models": {
+                mid: {k: list(getattr(c, k)) for k in ("loaded", "loading", "failed", "dead")}
+                for mid, c in sorted(mesh.models.items())
+            },
+            "vmodels": {
+                vid: {
+                    "active": v.active,
+                    "target": v.target,
+                    "state": v.transition.value,
+                    "routable": list(mesh.routable(vid)),
+                }
+                for vid, v in sorted(mesh.vmodels.items())
+            },
+        }
+    return {"revision": placement.revision, "namespaces": meshes, "invalid_records": invalid}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"etcd revision {report['revision']}"]
+    for ns, mesh in report["namespaces"].items():
+        lines.append(
+            f"\nnamespace {ns}: {len(mesh['instances'])} instances, "
+            f"{len(mesh['models'])} models, {len(mesh['vmodels'])} vmodels"
+        )
+        for iid, inst in sorted(mesh["instances"].items()):
+            lines.append(f"  instance {iid}  {inst['address']}  zone={inst['zone'] or '-'}")
+        for mid, c in mesh["models"].items():
+            parts = [f"{k}={','.join(v)}" for k, v in c.items() if v]
+            lines.append(f"  model {mid}  {'  '.join(parts) or 'not loaded'}")
+        for vid, v in mesh["vmodels"].items():
+            lines.append(f"  vmodel {vid} -> {v['active']} ({v['state']}, target {v['target']})")
+    for key, why in report["invalid_records"].items():
+        lines.append(f"skipped malformed record {key}: {why}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Write a pod's placement to etcd the way a ModelMesh pod does.
+
+Used by the local mesh, the sample pods of `make run` and the end-to-end tests:
+litelinks registration and InstanceRecord under the pod's lease (they vanish
+with the pod), registry records updated with compare-and-swap on their
+mod revision because every pod edits the same shared records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from types import MappingProxyType
+
+import aetcd
+
+from modelxds.modelmesh.keys import Layout, Table, litelinks_item
+from modelxds.modelmesh.records import (
+    InstanceRecord,
+    LitelinksRecord,
+    ModelRecord,
+    VModelRecord,
+    encode,
+    parse_model,
+)
+
+LITELINKS_PORT = 8080  # ModelMesh's internal Thrift port, as registered
+THRIFT_SERVICE = "com.ibm.watson.modelmesh.thrift.ModelMeshService"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def etcd_client(url: str) -> aetcd.Client:
+    host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+    return aetcd.Client(host=host or "127.0.0.1", port=int(port))
+
+
+async def update_model(
+    client: aetcd.Client,
+    layout: Layout,
+    model_id: str,
+    change: Callable[[ModelRecord | None], ModelRecord | None],
+) -> ModelRecord | None:
+    """Read-modify-write a registry record; retried until no other pod raced us."""
+    key = layout.key(Table.REGISTRY, model_id).encode()
+    while True:
+        got = await client.get(key)
+        current = parse_model(got.value) if got is not None else None
+        updated = change(current)
+        compare = (
+            client.transactions.mod(key) == got.mod_revision
+            if got is not None
+            else client.transactions.create(key) == 0
+        )
+        op = (
+            client.transactions.delete(key)
+            if updated is None
+            else client.transactions.put(key, encode(updated))
+        )
+        ok, _ = await client.transaction(compare=[compare], success=[op], failure=[])
+        if ok:
+            return updated
+
+
+def with_copy(instance_id: str, started_ms: int) -> Callable[[ModelRecord | None], ModelRecord]:
+    def change(rec: ModelRecord | None) -> ModelRecord:
+        rec = rec or ModelRecord()
+        ids = dict(rec.instance_ids, **{instance_id: started_ms})
+        failed = {k: v for k, v in rec.failed_in.items() if k != instance_id}
+        return replace(rec, instance_ids=MappingProxyType(ids), failed_in=MappingProxyType(failed))
+
+    return change
+
+
+def without_copy(instance_id: str) -> Callable[[ModelRecord | None], ModelRecord | None]:
+    def change(rec: ModelRecord | None) -> ModelRecord | None:
+        if rec is None:
+            return None
+        ids = {k: v for k, v in rec.instance_ids.items() if k != instance_id}
+        return replace(rec, instance_ids=MappingProxyType(ids))
+
+    return change
+
+
+def failed_copy(instance_id: str, at_ms: int) -> Callable[[ModelRecord | None], ModelRecord]:
+    def change(rec: ModelRecord | None) -> ModelRecord:
+        rec = rec or ModelRecord()
+        ids = {k: v for k, v in rec.instance_ids.items() if k != instance_id}
+        failed = dict(rec.failed_in, **{instance_id: at_ms})
+        return replace(rec, instance_ids=MappingProxyType(ids), failed_in=MappingProxyType(failed))
+
+    return change
+
+
+async def put_vmodel(
+    client: aetcd.Client, layout: Layout, vmodel_id: str, record: VModelRecord
+) -> None:
+    await client.put(layout.key(Table.VMODELS, vmodel_id).encode(), encode(record))
+
+
+class PodRegistration:
+    """The leased records of one pod; gone from etcd when the pod stops renewing."""
+
+    def __init__(
+        self,
+        client: aetcd.Client,
+        layout: Layout,
+        instance_id: str,
+        host: str,
+        *,
+        ttl: int = 10,
+        zone: str = "",
+        capacity: int = 0,
+    ) -> None:
+        self.client = client
+        self.layout = layout
+        self.instance_id = instance_id
+        self.host = host
+        self.ttl = ttl
+        self.zone = zone
+        self.capacity = capacity
+        self.lease_id = 0
+        self._keepalive: asyncio.Task[None] | None = None
+
+    async def register(self) -> None:
+        lease = await self.client.lease(self.ttl)
+        self.lease_id = lease.id
+        started = now_ms()
+        reg = LitelinksRecord(
+            hostname=self.host,
+            instance_id=self.instance_id,
+            port=LITELINKS_PORT,
+            version="modelxds-localmesh",
+            registration_time=started,
+            conn_config={"service.class": THRIFT_SERVICE},
+        )
+        item = litelinks_item(self.host, LITELINKS_PORT, started)
+        await self.client.put(
+            self.layout.key(Table.LITELINKS, item).encode(), encode(reg), lease=self.lease_id
+        )
+        await self.update_instance(
+            InstanceRecord(start_time=started, zone=self.zone, capacity=self.capacity)
+        )
+        self._keepalive = asyncio.create_task(self._renew())
+
+    async def update_instance(self, record: InstanceRecord) -> None:
+        await self.client.put(
+            self.layout.key(Table.INSTANCES, self.instance_id).encode(),
+            encode(record),
+            lease=self.lease_id,
+        )
+
+    async def add_copy(self, model_id: str, started_ms: int | None = None) -> None:
+        """A load of ``model_id`` started here (``instanceIds`` entry)."""
+        started = now_ms() if started_ms is None else started_ms
+        await update_model(self.client, self.layout, model_id, with_copy(self.instance_id, started))
+
+    async def remove_copy(self, model_id: str) -> None:
+        await update_model(self.client, self.layout, model_id, without_copy(self.instance_id))
+
+    async def fail_copy(self, model_id: str) -> None:
+        await update_model(
+            self.client, self.layout, model_id, failed_copy(self.instance_id, now_ms())
+        )
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is real
+                await self.client.refresh_lease(self.lease_id)
+
+    async def stop(self, *, revoke: bool = True) -> None:
+        """Stop renewing; ``revoke`` deletes the leased keys now (a clean shutdown)."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+            self._keepalive = None
+        if revoke and self.lease_id:
+            await self.client.revoke_lease(self.lease_id)

@@ -1,0 +1,201 @@
+"""Immutable placement snapshots, built by a pure function from ModelMesh's tables.
+
+A snapshot answers one question for the translator: for a model id or an
+InferenceService (vmodel) name, which live pods should a request go to?
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
+
+DEFAULT_LOADED_AFTER_MS = 3000
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A live ModelMesh pod: it holds an etcd lease and registered its address."""
+
+    id: str
+    host: str  # pod IP from the litelinks registration (InstanceRecord.loc is the node)
+    zone: str = ""
+    capacity: int = 0
+    used: int = 0
+    model_count: int = 0
+    loads_in_progress: int = 0
+    rpm: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Copies:
+    """Where one model is, as instance ids (sorted)."""
+
+    loaded: tuple[str, ...] = ()
+    loading: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    # listed in instanceIds but the pod is gone; the leader's reaper removes these later
+    dead: tuple[str, ...] = ()
+
+    @property
+    def routable(self) -> tuple[str, ...]:
+        # A copy that is still loading beats a fresh load elsewhere: ModelMesh would
+        # otherwise start a second copy while the first is nearly there.
+        return self.loaded or self.loading
+
+
+class Transition(enum.Enum):
+    UP_TO_DATE = "UpToDate"
+    IN_PROGRESS = "InProgress"
+    BLOCKED_BY_FAILED_LOAD = "BlockedByFailedLoad"
+
+
+@dataclass(frozen=True, slots=True)
+class VModel:
+    active: str
+    target: str
+    target_failed: bool = False
+
+    @property
+    def transition(self) -> Transition:
+        if self.active == self.target:
+            return Transition.UP_TO_DATE
+        if self.target_failed:
+            return Transition.BLOCKED_BY_FAILED_LOAD
+        return Transition.IN_PROGRESS
+
+
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPlacement:
+    """Placement in one ModelMesh deployment (one namespace)."""
+
+    namespace: str
+    instances: Mapping[str, Instance] = field(default_factory=dict)
+    models: Mapping[str, Copies] = field(default_factory=dict)
+    vmodels: Mapping[str, VModel] = field(default_factory=dict)
+    # epoch ms at which a loading copy counts as loaded; the snapshot must be rebuilt then
+    next_transition_ms: int | None = None
+
+    def routable(self, name: str) -> tuple[str, ...]:
+        """Instances to send a request for ``name`` (model id, else vmodel id) to."""
+        copies = self.models.get(name)
+        if copies is None:
+            vmodel = self.vmodels.get(name)
+            if vmodel is None:
+                return ()
+            copies = self.models.get(vmodel.active)
+            if copies is None:
+                return ()
+        return copies.routable
+
+    def names_by_instance(self) -> dict[str, list[str]]:
+        """For each live instance, every model id and vmodel id routable to it (sorted)."""
+        names: dict[str, list[str]] = {i: [] for i in self.instances}
+        for model_id, copies in self.models.items():
+            for iid in copies.routable:
+                names[iid].append(model_id)
+        for vmodel_id, vmodel in self.vmodels.items():
+            active = self.models.get(vmodel.active)
+            if active is not None:
+                for iid in active.routable:
+                    names[iid].append(vmodel_id)
+        for lst in names.values():
+            lst.sort()
+        return names
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Every watched ModelMesh deployment, by namespace."""
+
+    meshes: Mapping[str, MeshPlacement] = field(default_factory=dict)
+    revision: int = 0  # etcd revision the snapshot reflects
+
+    @property
+    def next_transition_ms(self) -> int | None:
+        times = [m.next_transition_ms for m in self.meshes.values() if m.next_transition_ms]
+        return min(times) if times else None
+
+
+def live_instances(
+    instances: Mapping[str, InstanceRecord], litelinks: Mapping[str, LitelinksRecord]
+) -> dict[str, Instance]:
+    """Pods that hold a lease (instance record) *and* registered an address, not shutting down."""
+    newest: dict[str, LitelinksRecord] = {}
+    for reg in litelinks.values():
+        seen = newest.get(reg.instance_id)
+        if seen is None or reg.registration_time > seen.registration_time:
+            newest[reg.instance_id] = reg
+    live = {}
+    for iid, rec in instances.items():
+        found = newest.get(iid)
+        if found is None or rec.shutdown:
+            continue
+        live[iid] = Instance(
+            id=iid,
+            host=found.hostname,
+            zone=rec.zone,
+            capacity=rec.capacity,
+            used=rec.used,
+            model_count=rec.count,
+            loads_in_progress=rec.loads_in_progress,
+            rpm=rec.rpm,
+        )
+    return live
+
+
+def build_mesh(
+    namespace: str,
+    registry: Mapping[str, ModelRecord],
+    vmodels: Mapping[str, VModelRecord],
+    instances: Mapping[str, InstanceRecord],
+    litelinks: Mapping[str, LitelinksRecord],
+    now_ms: int,
+    loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
+) -> MeshPlacement:
+    """Placement of one deployment at time ``now_ms``."""
+    live = live_instances(instances, litelinks)
+    models: dict[str, Copies] = {}
+    next_transition: int | None = None
+    for model_id, rec in registry.items():
+        loaded, loading, failed, dead = [], [], [], []
+        for iid, started_ms in rec.instance_ids.items():
+            if iid in rec.failed_in:
+                failed.append(iid)
+            elif iid not in live:
+                dead.append(iid)
+            elif now_ms - started_ms >= loaded_after_ms:
+                loaded.append(iid)
+            else:
+                loading.append(iid)
+                done = started_ms + loaded_after_ms
+                next_transition = done if next_transition is None else min(next_transition, done)
+        failed.extend(i for i in rec.failed_in if i not in rec.instance_ids)
+        models[model_id] = Copies(
+            tuple(sorted(loaded)),
+            tuple(sorted(loading)),
+            tuple(sorted(failed)),
+            tuple(sorted(dead)),
+        )
+    vms = {
+        vid: VModel(
+            # a brand-new vmodel may not have an active model yet: its target is all there is
+            active=rec.active_model or rec.target_model,
+            target=rec.target_model or rec.active_model,
+            target_failed=rec.target_failed,
+        )
+        for vid, rec in vmodels.items()
+        if rec.active_model or rec.target_model
+    }
+    return MeshPlacement(
+        namespace=namespace,
+        instances=MappingProxyType(live),
+        models=MappingProxyType(models),
+        vmodels=MappingProxyType(vms),
+        next_transition_ms=next_transition,
+    )

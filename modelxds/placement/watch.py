@@ -1,0 +1,259 @@
+"""Watch ModelMesh's tables in etcd and keep them current.
+
+List every prefix at one revision, then watch from the next revision: no gap and
+no event twice. On compaction, cancellation or a broken stream the tables are
+re-listed from scratch and the watch resumes, with capped exponential backoff.
+The watcher only parses and stores records; `snapshot()` turns them into an
+immutable Placement when the caller asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import grpc
+from aetcd import rpc
+
+from modelxds import metrics
+from modelxds.modelmesh import (
+    PARSERS,
+    InstanceRecord,
+    Layout,
+    LitelinksRecord,
+    ModelRecord,
+    RecordError,
+    Table,
+    VModelRecord,
+)
+from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement, build_mesh
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 5000
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one etcd transaction can carry many records
+
+
+class _Relist(Exception):
+    """The watch can't continue from where it is; list again."""
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """etcd range end that covers every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+@dataclass
+class MeshTables:
+    """The current records of one ModelMesh deployment, as last seen in etcd."""
+
+    namespace: str
+    layout: Layout
+    registry: dict[str, ModelRecord] = field(default_factory=dict)
+    vmodels: dict[str, VModelRecord] = field(default_factory=dict)
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    litelinks: dict[str, LitelinksRecord] = field(default_factory=dict)
+    invalid: dict[str, str] = field(default_factory=dict)  # key -> why it was skipped
+
+    def _table(self, table: Table) -> dict[str, object]:
+        return {  # type: ignore[return-value]
+            Table.REGISTRY: self.registry,
+            Table.VMODELS: self.vmodels,
+            Table.INSTANCES: self.instances,
+            Table.LITELINKS: self.litelinks,
+        }[table]
+
+    def apply(self, key: str, value: bytes | None) -> bool:
+        """Apply a put (value) or delete (None); True if it can change placement."""
+        parsed = self.layout.parse_key(key)
+        if parsed is None:
+            return False
+        table, item = parsed
+        rows = self._table(table)
+        if value is None:
+            self.invalid.pop(key, None)
+            return rows.pop(item, None) is not None
+        try:
+            rows[item] = PARSERS[table](value)
+        except RecordError as e:
+            # Drop what we had: routing on a stale copy of a record we can no longer
+            # read would be a guess. Without it the model falls back to any pod.
+            rows.pop(item, None)
+            if self.invalid.get(key) != str(e):
+                log.warning("skipping malformed %s record %s: %s", table.value, key, e)
+                metrics.INVALID_RECORDS.labels(table.value).inc()
+            self.invalid[key] = str(e)
+            return True
+        self.invalid.pop(key, None)
+        return True
+
+    def clear(self) -> None:
+        for table in Table:
+            self._table(table).clear()
+        self.invalid.clear()
+
+
+class PlacementWatcher:
+    """Owns the etcd connection and the record tables of every watched deployment."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        meshes: Sequence[tuple[str, Layout]],
+        *,
+        loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint.removeprefix("http://").removeprefix("https://")
+        self.tables = [MeshTables(ns, layout) for ns, layout in meshes]
+        self.loaded_after_ms = loaded_after_ms
+        self.max_backoff = max_backoff
+        self.revision = 0
+        self.changed = asyncio.Event()
+        self.synced = asyncio.Event()
+        self._prefixes = [
+            (prefix, tables) for tables in self.tables for prefix in tables.layout.watch_prefixes()
+        ]
+
+    def snapshot(self, now_ms: int | None = None) -> Placement:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        meshes = {}
+        for t in self.tables:
+            meshes[t.namespace] = build_mesh(
+                t.namespace,
+                t.registry,
+                t.vmodels,
+                t.instances,
+                t.litelinks,
+                now_ms,
+                self.loaded_after_ms,
+            )
+            metrics.MODELS.labels(t.namespace).set(len(t.registry))
+            metrics.INSTANCES.labels(t.namespace).set(len(meshes[t.namespace].instances))
+        return Placement(MappingProxyType(meshes), self.revision)
+
+    def invalid_records(self) -> dict[str, str]:
+        return {k: v for t in self.tables for k, v in t.invalid.items()}
+
+    async def list_once(self) -> None:
+        """Read every table once (no watch): for one-shot inspection."""
+        async with self._channel() as channel:
+            await self._list(rpc.KVStub(channel))
+
+    def _channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            self.endpoint,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+            ],
+        )
+
+    async def run(self) -> None:
+        """Keep the tables current until cancelled; never raises for etcd trouble."""
+        backoff = 0.1
+        while True:
+            channel = self._channel()
+            try:
+                await self._list(rpc.KVStub(channel))
+                backoff = 0.1
+                await self._watch(rpc.WatchStub(channel))
+            except _Relist as e:
+                log.info("re-listing etcd: %s", e)
+                metrics.WATCH_RESTARTS.labels("compacted_or_cancelled").inc()
+            except grpc.aio.AioRpcError as e:
+                log.warning("etcd %s: %s; retrying in %.1fs", self.endpoint, e.details(), backoff)
+                metrics.WATCH_RESTARTS.labels("rpc_error").inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+            finally:
+                await channel.close()
+
+    async def _list(self, kv: rpc.KVStub) -> None:
+        revision = 0
+        fresh = [MeshTables(t.namespace, t.layout) for t in self.tables]
+        by_layout = {id(t): f for t, f in zip(self.tables, fresh, strict=True)}
+        for prefix, tables in self._prefixes:
+            start, end = prefix.encode(), prefix_range_end(prefix.encode())
+            while True:
+                resp = await kv.Range(
+                    rpc.RangeRequest(key=start, range_end=end, limit=PAGE_SIZE, revision=revision),
+                    timeout=60,
+                )
+                revision = revision or resp.header.revision
+                for kv_ in resp.kvs:
+                    self._apply(by_layout[id(tables)], kv_.key, kv_.value)
+                if not resp.more:
+                    break
+                start = resp.kvs[-1].key + b"\0"
+        # Swap in whole: a snapshot never mixes old and new listings.
+        for t, f in zip(self.tables, fresh, strict=True):
+            t.registry, t.vmodels, t.instances, t.litelinks = (
+                f.registry,
+                f.vmodels,
+                f.instances,
+                f.litelinks,
+            )
+            t.invalid = f.invalid
+        self._advance(revision)
+        self.synced.set()
+
+    async def _watch(self, watch: rpc.WatchStub) -> None:
+        requests: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
+        for i, (prefix, _) in enumerate(self._prefixes, start=1):
+            requests.put_nowait(
+                rpc.WatchRequest(
+                    create_request=rpc.WatchCreateRequest(
+                        key=prefix.encode(),
+                        range_end=prefix_range_end(prefix.encode()),
+                        start_revision=self.revision + 1,
+                        progress_notify=True,
+                        watch_id=i,
+                    )
+                )
+            )
+
+        async def outgoing() -> AsyncIterator[rpc.WatchRequest]:
+            while True:
+                yield await requests.get()
+
+        async for resp in watch.Watch(outgoing()):
+            if resp.compact_revision:
+                raise _Relist(f"revision {self.revision + 1} compacted to {resp.compact_revision}")
+            if resp.canceled:
+                raise _Relist(f"watch cancelled: {resp.cancel_reason or 'no reason given'}")
+            if not 1 <= resp.watch_id <= len(self._prefixes):
+                continue
+            tables = self._prefixes[resp.watch_id - 1][1]
+            changed = False
+            for ev in resp.events:
+                value = None if ev.type == rpc.Event.DELETE else ev.kv.value
+                changed |= self._apply(tables, ev.kv.key, value)
+            if resp.events and not resp.fragment:
+                self._advance(resp.header.revision, changed)
+
+    def _apply(self, tables: MeshTables, key: bytes, value: bytes | None) -> bool:
+        try:
+            text = key.decode()
+        except UnicodeDecodeError:
+            metrics.INVALID_RECORDS.labels("key").inc()
+            log.warning("skipping etcd key that is not UTF-8: %r", key[:80])
+            return False
+        return tables.apply(text, value)
+
+    def _advance(self, revision: int, changed: bool = True) -> None:
+        self.revision = max(self.revision, revision)
+        metrics.ETCD_REVISION.set(self.revision)
+        if changed:
+            self.changed.set()

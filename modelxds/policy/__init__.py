@@ -1,0 +1,27 @@
+"""Routing policy: DestinationRule / VirtualService documents in Alibaba ASM's
+dynamic-subset form, read into immutable values."""
+
+from modelxds.policy.loader import PolicyError, default_policy, load_policy, parse_policy
+from modelxds.policy.model import (
+    DestinationRule,
+    FallbackPolicy,
+    HeaderToKey,
+    HttpRoute,
+    Policy,
+    SubsetSelector,
+    VirtualService,
+)
+
+__all__ = [
+    "DestinationRule",
+    "FallbackPolicy",
+    "HeaderToKey",
+    "HttpRoute",
+    "Policy",
+    "PolicyError",
+    "SubsetSelector",
+    "VirtualService",
+    "default_policy",
+    "load_policy",
+    "parse_policy",
+]

@@ -1,0 +1,563 @@
+"""Read DestinationRule and VirtualService documents (Istio / Alibaba ASM dynamic-subset
+form) into a `Policy`.
+
+Every problem found, in every document, is collected and reported in one `PolicyError`
+so users can fix a whole file in one pass. Each message starts with the file, the
+document number and the object, then the field path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelxds.policy.model import (
+    DestinationRule,
+    FallbackPolicy,
+    HeaderToKey,
+    HttpRoute,
+    Policy,
+    SubsetSelector,
+    VirtualService,
+    resolve_host,
+)
+from modelxds.policy.seed import SEED_POLICY_YAML
+
+log = logging.getLogger(__name__)
+
+SEED_SOURCE = "<built-in seed policy>"
+
+_API_VERSIONS = (
+    "networking.istio.io/v1alpha3",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1",
+    "modelxds.io/v1alpha1",
+)
+_KINDS = ("DestinationRule", "VirtualService")
+_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+_DYNAMIC = "spec.trafficPolicy.loadBalancer.dynamicSubset"
+_PORT_WHY = "modelxds opens one Envoy listener per match port, so every match needs a port"
+_NO_WILDCARD = "wildcard hosts are not supported; name one Service"
+
+
+class PolicyError(ValueError):
+    """Invalid policy; `errors` holds one message per problem, `str()` shows them one per line."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Parse multi-document YAML; `source` names the text in messages and `source` fields."""
+    errors: list[str] = []
+    return _assemble(_read_stream(text, source, errors, is_json=False), errors)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Load one file, or every *.yaml, *.yml and *.json file directly inside a directory."""
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(
+            (f for f in root.iterdir() if f.is_file() and f.suffix.lower() in _FILE_SUFFIXES),
+            key=lambda f: f.name,
+        )
+        if not files:
+            raise PolicyError([f"{root}: directory has no *.yaml, *.yml or *.json files"])
+    elif root.exists():
+        files = [root]
+    else:
+        raise PolicyError([f"{root}: no such file or directory"])
+
+    errors: list[str] = []
+    docs: list[_Doc] = []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{file}: cannot read: {exc}")
+            docs.append(_UNKNOWN)
+            continue
+        docs += _read_stream(text, str(file), errors, is_json=file.suffix.lower() == ".json")
+    return _assemble(docs, errors)
+
+
+def default_policy() -> Policy:
+    """The built-in seed policy, used when the user gives none."""
+    return parse_policy(SEED_POLICY_YAML, SEED_SOURCE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Doc:
+    kind: str
+    where: str  # message prefix: "file document N (Kind namespace/name)"
+    obj: DestinationRule | VirtualService | None  # None when the document had errors
+
+
+# Stands for documents that could not be read at all: they might have held anything.
+_UNKNOWN = _Doc("", "", None)
+
+
+def _assemble(docs: list[_Doc], errors: list[str]) -> Policy:
+    # A broken or unreadable document may have been the DestinationRule that the
+    # VirtualServices point at; cross-checking without it would only report noise.
+    if all(doc.obj is not None or doc.kind == "VirtualService" for doc in docs):
+        errors = errors + _cross_check(docs)
+    if errors:
+        raise PolicyError(errors)
+    return Policy(
+        destination_rules=tuple(d.obj for d in docs if isinstance(d.obj, DestinationRule)),
+        virtual_services=tuple(d.obj for d in docs if isinstance(d.obj, VirtualService)),
+    )
+
+
+def _read_stream(text: str, file: str, errors: list[str], *, is_json: bool) -> list[_Doc]:
+    documents, complete = _split_documents(text, file, errors, is_json=is_json)
+    docs: list[_Doc] = []
+    # Numbering counts empty documents too, so "document N" is the Nth one in the file.
+    for index, data in enumerate(documents, start=1):
+        if data is not None:
+            doc = _read_document(data, file, index, errors)
+            if doc is not None:
+                docs.append(doc)
+    if not complete:
+        docs.append(_UNKNOWN)
+    return docs
+
+
+def _split_documents(
+    text: str, file: str, errors: list[str], *, is_json: bool
+) -> tuple[list[object], bool]:
+    """The raw documents, and whether the whole text could be parsed."""
+    if is_json:
+        try:
+            return [json.loads(text)], True
+        except json.JSONDecodeError as exc:
+            errors.append(
+                f"{file} document 1: invalid JSON at line {exc.lineno}, "
+                f"column {exc.colno}: {exc.msg}"
+            )
+            return [], False
+    documents: list[object] = []
+    try:
+        for data in yaml.safe_load_all(text):
+            documents.append(data)
+    except yaml.YAMLError as exc:
+        errors.append(f"{file} document {len(documents) + 1}: {_yaml_problem(exc)}")
+        return documents, False
+    return documents, True
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return f"invalid YAML: {exc}"
+
+
+def _read_document(data: object, file: str, index: int, errors: list[str]) -> _Doc | None:
+    """Read one document; None for kinds we do not handle."""
+    at = f"{file} document {index}"
+    if not isinstance(data, dict):
+        errors.append(
+            f"{at}: expected a Kubernetes object (a mapping with apiVersion, kind, metadata "
+            f"and spec), got {_describe(data)}"
+        )
+        return _Doc("", at, None)
+    kind = data.get("kind")
+    if kind is None:
+        errors.append(f"{at}: kind: required")
+        return _Doc("", at, None)
+    if not isinstance(kind, str) or not kind:
+        errors.append(f"{at}: kind: expected a non-empty string, got {_describe(kind)}")
+        return _Doc("", at, None)
+    if kind not in _KINDS:
+        # Users keep Gateways, Services and the like in the same file; they are not ours.
+        log.info(
+            "%s: skipping %s, modelxds reads only DestinationRule and VirtualService", at, kind
+        )
+        return None
+
+    r = _Reader(f"{at} ({kind})")
+    metadata = r.section(data, "metadata", "metadata", required=True)
+    name, namespace = None, "default"
+    if metadata is not None:
+        name = r.string(metadata, "name", "metadata.name", required=True)
+        namespace = r.string(metadata, "namespace", "metadata.namespace") or namespace
+    if name is not None:
+        r.where = f"{at} ({kind} {namespace}/{name})"
+    api_version = data.get("apiVersion")
+    if api_version not in _API_VERSIONS:
+        r.error(
+            "apiVersion",
+            f"expected one of {', '.join(_API_VERSIONS)}, got {_describe(api_version)}",
+        )
+    spec = r.section(data, "spec", "spec", required=True)
+    obj: DestinationRule | VirtualService | None = None
+    if spec is not None:
+        source = f"{file}#{index}"
+        if kind == "DestinationRule":
+            obj = _destination_rule(r, spec, name or "", namespace, source)
+        else:
+            obj = _virtual_service(r, spec, name or "", namespace, source)
+    errors += r.errors
+    return _Doc(kind, r.where, None if r.errors else obj)
+
+
+def _destination_rule(
+    r: _Reader, spec: dict[str, Any], name: str, namespace: str, source: str
+) -> DestinationRule:
+    host = r.string(spec, "host", "spec.host", required=True) or ""
+    if "*" in host:
+        r.error("spec.host", _NO_WILDCARD)
+    traffic = r.section(spec, "trafficPolicy", "spec.trafficPolicy") or {}
+    balancer = r.section(traffic, "loadBalancer", "spec.trafficPolicy.loadBalancer") or {}
+    dynamic = r.section(balancer, "dynamicSubset", _DYNAMIC)
+    if dynamic is None:
+        return DestinationRule(name, namespace, host, (), FallbackPolicy.ANY_ENDPOINT, (), source)
+
+    default_subset = r.string_map(dynamic, "defaultSubset", f"{_DYNAMIC}.defaultSubset")
+    declared = r.fallback(dynamic, "fallbackPolicy", f"{_DYNAMIC}.fallbackPolicy")
+    given: list[tuple[str, FallbackPolicy | None]] = [(f"{_DYNAMIC}.fallbackPolicy", declared)]
+    selectors: list[tuple[tuple[str, ...], FallbackPolicy | None]] = []
+    items = r.items(
+        dynamic,
+        "subsetSelectors",
+        f"{_DYNAMIC}.subsetSelectors",
+        required_because="a dynamicSubset needs at least one selector",
+    )
+    for i, item in enumerate(items):
+        path = f"{_DYNAMIC}.subsetSelectors[{i}]"
+        selector = r.mapping(item, path)
+        if selector is None:
+            continue
+        keys = r.strings(
+            selector, "keys", f"{path}.keys", required_because="list the endpoint label keys"
+        )
+        fallback = r.fallback(selector, "fallbackPolicy", f"{path}.fallbackPolicy")
+        given.append((f"{path}.fallbackPolicy", fallback))
+        selectors.append((keys, fallback))
+
+    if not default_subset:
+        for path, policy in given:
+            if policy is FallbackPolicy.DEFAULT_SUBSET:
+                r.error(path, f"DEFAULT_SUBSET needs a non-empty {_DYNAMIC}.defaultSubset")
+
+    cluster_fallback = declared
+    if cluster_fallback is None and selectors:
+        cluster_fallback = selectors[0][1]
+    if cluster_fallback is None:
+        cluster_fallback = FallbackPolicy.ANY_ENDPOINT
+    return DestinationRule(
+        name=name,
+        namespace=namespace,
+        host=host,
+        selectors=tuple(
+            SubsetSelector(keys, cluster_fallback if fb is None else fb) for keys, fb in selectors
+        ),
+        fallback_policy=cluster_fallback,
+        default_subset=default_subset,
+        source=source,
+    )
+
+
+def _virtual_service(
+    r: _Reader, spec: dict[str, Any], name: str, namespace: str, source: str
+) -> VirtualService:
+    gateways = r.strings(spec, "gateways", "spec.gateways")
+    hosts = r.strings(spec, "hosts", "spec.hosts")
+    routes: list[HttpRoute] = []
+    items = r.items(
+        spec, "http", "spec.http", required_because="modelxds serves only spec.http routes"
+    )
+    for i, item in enumerate(items):
+        route = _http_route(r, item, f"spec.http[{i}]", default_name=f"http-{i}")
+        if route is not None:
+            routes.append(route)
+    return VirtualService(name, namespace, gateways, hosts, tuple(routes), source)
+
+
+def _http_route(r: _Reader, item: object, path: str, *, default_name: str) -> HttpRoute | None:
+    route = r.mapping(item, path)
+    if route is None:
+        return None
+    name = r.string(route, "name", f"{path}.name") or default_name
+
+    ports: set[int] = set()
+    for j, match_item in enumerate(
+        r.items(route, "match", f"{path}.match", required_because=_PORT_WHY)
+    ):
+        match = r.mapping(match_item, f"{path}.match[{j}]")
+        if match is not None:
+            port = r.port(match, "port", f"{path}.match[{j}].port", required_because=_PORT_WHY)
+            if port is not None:
+                ports.add(port)
+
+    header_keys: list[HeaderToKey] = []
+    for j, entry_item in enumerate(
+        r.items(route, "headerToDynamicSubsetKey", f"{path}.headerToDynamicSubsetKey")
+    ):
+        entry_path = f"{path}.headerToDynamicSubsetKey[{j}]"
+        entry = r.mapping(entry_item, entry_path)
+        if entry is None:
+            continue
+        header = r.string(entry, "header", f"{entry_path}.header", required=True)
+        key = r.string(entry, "key", f"{entry_path}.key", required=True)
+        if header is None or key is None:
+            continue
+        taken = next((hk.header for hk in header_keys if hk.key == key), None)
+        if taken is not None:
+            r.error(f"{entry_path}.key", f"{key!r} is already taken from header {taken!r}")
+        # HTTP/2 header names are lowercase on the wire.
+        header_keys.append(HeaderToKey(header.lower(), key))
+
+    host, port = "", None
+    destinations = r.items(
+        route, "route", f"{path}.route", required_because="give exactly one destination"
+    )
+    if len(destinations) > 1:
+        r.error(
+            f"{path}.route",
+            f"{len(destinations)} destinations (weighted routing) are not supported; "
+            "give exactly one",
+        )
+    elif destinations:
+        host, port = _destination(r, destinations[0], f"{path}.route[0]")
+    return HttpRoute(name, tuple(sorted(ports)), tuple(header_keys), host, port)
+
+
+def _destination(r: _Reader, item: object, path: str) -> tuple[str, int | None]:
+    entry = r.mapping(item, path)
+    destination = (
+        r.section(entry, "destination", f"{path}.destination", required=True)
+        if entry is not None
+        else None
+    )
+    if destination is None:
+        return "", None
+    host = r.string(destination, "host", f"{path}.destination.host", required=True) or ""
+    if "*" in host:
+        r.error(f"{path}.destination.host", _NO_WILDCARD)
+    if destination.get("subset") is not None:
+        # Silently ignoring it would send traffic somewhere the user did not ask for.
+        r.error(
+            f"{path}.destination.subset",
+            "named subsets are not supported; the subset is chosen per request "
+            "from headerToDynamicSubsetKey",
+        )
+    port_spec = r.section(destination, "port", f"{path}.destination.port")
+    port = None
+    if port_spec is not None:
+        port = r.port(
+            port_spec,
+            "number",
+            f"{path}.destination.port.number",
+            required_because="the Service port to send to",
+        )
+    return host, port
+
+
+def _cross_check(docs: list[_Doc]) -> list[str]:
+    """Problems that only show when documents are read together."""
+    errors: list[str] = []
+    first: dict[tuple[str, str, str], _Doc] = {}
+    rules: dict[str, tuple[DestinationRule, str]] = {}
+    services: list[tuple[VirtualService, str]] = []
+    for doc in docs:
+        obj = doc.obj
+        if obj is None:
+            continue
+        identity = (doc.kind, obj.namespace, obj.name)
+        if identity in first:
+            errors.append(
+                f"{doc.where}: metadata.name: duplicate {doc.kind} {obj.namespace}/{obj.name}, "
+                f"first defined in {first[identity].where}"
+            )
+            continue
+        first[identity] = doc
+        if isinstance(obj, VirtualService):
+            services.append((obj, doc.where))
+            continue
+        fqdn = resolve_host(obj.host, obj.namespace)
+        if fqdn in rules:
+            other_where = rules[fqdn][1]
+            errors.append(
+                f"{doc.where}: spec.host: {fqdn} already has a DestinationRule "
+                f"({other_where}); give each host one rule"
+            )
+        else:
+            rules[fqdn] = (obj, doc.where)
+
+    claims: dict[int, tuple[tuple[str, int | None, tuple[HeaderToKey, ...]], str]] = {}
+    for vs, where in services:
+        for i, route in enumerate(vs.routes):
+            at = f"{where}: spec.http[{i}]"
+            fqdn = resolve_host(route.destination_host, vs.namespace)
+            errors += _check_route_rule(at, route, fqdn, rules.get(fqdn))
+            target = (fqdn, route.destination_port, route.header_keys)
+            for port in route.ports:
+                claimed, claimed_at = claims.setdefault(port, (target, at))
+                if claimed[:2] != target[:2]:
+                    errors.append(
+                        f"{at}.match: port {port} is already routed to {_show(claimed)} by "
+                        f"{claimed_at}; a listener port can have only one destination"
+                    )
+                elif claimed != target:
+                    errors.append(
+                        f"{at}.headerToDynamicSubsetKey: port {port} is already routed by "
+                        f"{claimed_at} with a different headerToDynamicSubsetKey"
+                    )
+    return errors
+
+
+def _check_route_rule(
+    at: str, route: HttpRoute, fqdn: str, found: tuple[DestinationRule, str] | None
+) -> list[str]:
+    if found is None:
+        return [
+            f"{at}.route[0].destination.host: no DestinationRule for "
+            f"{route.destination_host!r} ({fqdn}); add one with {_DYNAMIC}"
+        ]
+    rule, rule_where = found
+    if not rule.selectors:
+        return [
+            f"{at}.route[0].destination.host: the DestinationRule for {fqdn} ({rule_where}) "
+            f"has no {_DYNAMIC}"
+        ]
+    return [
+        f"{at}.headerToDynamicSubsetKey[{j}].key: {hk.key!r} is not a subset key of the "
+        f"DestinationRule for {fqdn} ({rule_where}); its keys: {', '.join(rule.subset_keys)}"
+        for j, hk in enumerate(route.header_keys)
+        if hk.key not in rule.subset_keys
+    ]
+
+
+def _show(target: tuple[str, int | None, tuple[HeaderToKey, ...]]) -> str:
+    host, port, _ = target
+    return host if port is None else f"{host}:{port}"
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+class _Reader:
+    """Reads the fields of one document, recording every bad one instead of stopping.
+
+    Absent and null fields are the same thing: YAML writes ``key:`` for both.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{self.where}: {path}: {message}")
+
+    def mapping(self, value: object, path: str) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        self.error(path, f"expected a mapping, got {_describe(value)}")
+        return None
+
+    def section(
+        self, parent: dict[str, Any], key: str, path: str, *, required: bool = False
+    ) -> dict[str, Any] | None:
+        value = parent.get(key)
+        if value is None:
+            if required:
+                self.error(path, "required")
+            return None
+        return self.mapping(value, path)
+
+    def items(
+        self, parent: dict[str, Any], key: str, path: str, *, required_because: str = ""
+    ) -> list[Any]:
+        """A list field; absent means empty unless `required_because` says why it may not be."""
+        value = parent.get(key)
+        if value is None or value == []:
+            if required_because:
+                self.error(path, f"required (a non-empty list): {required_because}")
+            return []
+        if isinstance(value, list):
+            return value
+        self.error(path, f"expected a list, got {_describe(value)}")
+        return []
+
+    def string(
+        self, parent: dict[str, Any], key: str, path: str, *, required: bool = False
+    ) -> str | None:
+        value = parent.get(key)
+        if value is None:
+            if required:
+                self.error(path, "required")
+            return None
+        return self._string(value, path)
+
+    def strings(
+        self, parent: dict[str, Any], key: str, path: str, *, required_because: str = ""
+    ) -> tuple[str, ...]:
+        """A list of non-empty strings, deduplicated in order."""
+        values = [
+            self._string(value, f"{path}[{i}]")
+            for i, value in enumerate(
+                self.items(parent, key, path, required_because=required_because)
+            )
+        ]
+        return tuple(dict.fromkeys(v for v in values if v is not None))
+
+    def string_map(
+        self, parent: dict[str, Any], key: str, path: str
+    ) -> tuple[tuple[str, str], ...]:
+        """A mapping of string to string, as sorted pairs."""
+        pairs: list[tuple[str, str]] = []
+        for k, v in (self.section(parent, key, path) or {}).items():
+            if not isinstance(k, str) or not k:
+                self.error(path, f"keys must be non-empty strings, got {_describe(k)}")
+            elif not isinstance(v, str):
+                self.error(f"{path}.{k}", f"expected a string (quote it), got {_describe(v)}")
+            else:
+                pairs.append((k, v))
+        return tuple(sorted(pairs))
+
+    def fallback(self, parent: dict[str, Any], key: str, path: str) -> FallbackPolicy | None:
+        value = parent.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str) and value in FallbackPolicy.__members__:
+            return FallbackPolicy(value)
+        allowed = ", ".join(p.value for p in FallbackPolicy)
+        self.error(path, f"expected one of {allowed}, got {_describe(value)}")
+        return None
+
+    def port(
+        self, parent: dict[str, Any], key: str, path: str, *, required_because: str
+    ) -> int | None:
+        value = parent.get(key)
+        if value is None:
+            self.error(path, f"required: {required_because}")
+            return None
+        # bool is an int in Python, but `port: true` is certainly a mistake.
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+            return value
+        self.error(path, f"expected an integer 1-65535, got {_describe(value)}")
+        return None
+
+    def _string(self, value: object, path: str) -> str | None:
+        if isinstance(value, str) and value:
+            return value
+        self.error(path, f"expected a non-empty string, got {_describe(value)}")
+        return None

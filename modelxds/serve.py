@@ -1,0 +1,98 @@
+"""`modelxds serve`: etcd watch -> translate -> snapshot cache -> ADS, plus /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from prometheus_client import start_http_server
+
+from modelxds.kserve import descriptor_set_bytes
+from modelxds.modelmesh import Layout
+from modelxds.placement.watch import PlacementWatcher
+from modelxds.policy import PolicyError, default_policy, load_policy
+from modelxds.xds.bootstrap import split_address
+from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.controller import Controller
+from modelxds.xds.server import AdsServer
+from modelxds.xds.translate import Options
+
+log = logging.getLogger(__name__)
+
+
+async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:
+    try:
+        policy = load_policy(args.policy) if args.policy else default_policy()
+    except PolicyError as e:
+        log.error("invalid policy:\n%s", e)
+        return 2
+    watcher = PlacementWatcher(args.etcd, layouts, loaded_after_ms=args.loaded_after_ms)
+    cache = SnapshotCache()
+    ads = AdsServer(cache)
+    controller = Controller(
+        watcher.snapshot,
+        watcher.changed,
+        policy,
+        cache,
+        Options(
+            descriptor_set=descriptor_set_bytes(),
+            listen_address=args.listen_address,
+            update_merge_window_ms=args.update_merge_window_ms,
+        ),
+        quiet=args.debounce_quiet_ms / 1000,
+        max_delay=args.debounce_max_ms / 1000,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    server.add_generic_rpc_handlers([ads.handler()])
+    try:
+        server.add_insecure_port(args.xds_address)
+    except RuntimeError as e:
+        log.error("cannot listen on --xds-address %s: %s", args.xds_address, e)
+        return 2
+    if args.metrics_address:
+        host, port = split_address(args.metrics_address, "0.0.0.0")
+        start_http_server(port, host)
+    await server.start()
+    log.info(
+        "serving xDS on %s; watching etcd %s: %s",
+        args.xds_address,
+        args.etcd,
+        ", ".join(f"{ns}={layout.root_prefix}" for ns, layout in layouts),
+    )
+
+    async def publish_when_synced() -> None:
+        await watcher.synced.wait()
+        controller.publish()  # the first config goes out without debounce delay
+        await controller.run()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(publish_when_synced())]
+    try:
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopped and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await server.stop(grace=1)
+        log.info("stopped")
+    return 0

@@ -1,0 +1,73 @@
+"""Envoy bootstrap for a gateway that takes all its config from modelxds over ADS."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+XDS_CLUSTER = "modelxds"
+
+
+def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT`` (or ``:PORT``) -> (host, port), with a clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]") or default_host, int(port)
+
+
+def bootstrap(
+    xds_address: str, node_id: str, admin_address: str, *, cluster: str = "modelxds-gateway"
+) -> dict[str, Any]:
+    xds_host, xds_port = split_address(xds_address)
+    admin_host, admin_port = split_address(admin_address)
+    try:
+        ipaddress.ip_address(xds_host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"  # a Kubernetes Service name
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": {"id": node_id, "cluster": cluster},
+        "admin": {"address": _socket(admin_host, admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": ads,
+            "lds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": discovery,
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {"endpoint": {"address": _socket(xds_host, xds_port)}}
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
+        },
+    }
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}

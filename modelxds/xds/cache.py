@@ -1,0 +1,112 @@
+"""Versioned snapshot cache: every resource serialized once per version, shared by all streams.
+
+A DiscoveryResponse is assembled from pre-serialized bytes. Protobuf fields can be
+concatenated on the wire, so the per-stream nonce is appended to a shared body
+instead of re-encoding a multi-megabyte message for every gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
+
+# DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto)
+_VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE = 1, 2, 4, 5
+# google.protobuf.Any
+_ANY_TYPE_URL, _ANY_VALUE = 1, 2
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class TypeSnapshot:
+    type_url: str
+    version: str  # content hash: the same config gets the same version on any replica or restart
+    resources: dict[str, bytes]  # name -> serialized Any
+    _bodies: dict[frozenset[str] | None, bytes] = field(default_factory=dict, compare=False)
+
+    def response(self, names: frozenset[str] | None, nonce: str) -> bytes:
+        """A serialized DiscoveryResponse with the named resources (None: all)."""
+        body = self._bodies.get(names)
+        if body is None:
+            chosen = (
+                sorted(self.resources) if names is None else sorted(names & self.resources.keys())
+            )
+            body = b"".join(
+                [encode_field(_VERSION_INFO, self.version.encode())]
+                + [encode_field(_RESOURCES, self.resources[n]) for n in chosen]
+                + [encode_field(_TYPE_URL, self.type_url.encode())]
+            )
+            self._bodies[names] = body
+        return body + encode_field(_NONCE, nonce.encode())
+
+
+def _empty(type_url: str) -> TypeSnapshot:
+    return TypeSnapshot(type_url, "", {})
+
+
+class SnapshotCache:
+    """Holds the current config. The translator writes it; ADS streams only read it."""
+
+    def __init__(self) -> None:
+        self._types = {t: _empty(t) for t in PUSH_ORDER}
+        self._listeners: set[asyncio.Event] = set()
+        self.ready = asyncio.Event()  # set once the first real config is in
+
+    def get(self, type_url: str) -> TypeSnapshot:
+        return self._types.get(type_url) or _empty(type_url)
+
+    def set(self, resources: Resources) -> list[str]:
+        """Replace the config; returns the type URLs whose content changed."""
+        changed = []
+        for type_url in PUSH_ORDER:
+            msgs = resources.get(type_url, {})
+            serialized = {
+                name: encode_field(_ANY_TYPE_URL, type_url.encode())
+                + encode_field(_ANY_VALUE, msg.SerializeToString(deterministic=True))
+                for name, msg in msgs.items()
+            }
+            version = _version(serialized.items())
+            if version != self._types[type_url].version:
+                self._types[type_url] = TypeSnapshot(type_url, version, serialized)
+                changed.append(type_url)
+        self.ready.set()
+        if changed:
+            for ev in self._listeners:
+                ev.set()
+        return changed
+
+    def subscribe(self, event: asyncio.Event) -> None:
+        self._listeners.add(event)
+
+    def unsubscribe(self, event: asyncio.Event) -> None:
+        self._listeners.discard(event)
+
+    @staticmethod
+    def is_wildcard(type_url: str, names: Iterable[str]) -> bool:
+        return type_url in WILDCARD_TYPES and not any(True for _ in names)
+
+
+def _version(items: Iterable[tuple[str, bytes]]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name, blob in sorted(items):
+        h.update(name.encode())
+        h.update(len(blob).to_bytes(8, "little"))
+        h.update(blob)
+    return h.hexdigest()

@@ -1,0 +1,84 @@
+"""Placement changes -> debounced translation -> snapshot cache.
+
+Placement can change hundreds of times a second while ModelMesh loads and evicts.
+A push waits for ``quiet`` seconds without change, but never more than ``max_delay``
+after the first pending change, so a steady stream of updates still gets through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from modelxds import metrics
+from modelxds.placement.model import Placement
+from modelxds.policy import Policy
+from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.translate import Options, translate
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self,
+        snapshot: Callable[[], Placement],
+        changed: asyncio.Event,
+        policy: Policy,
+        cache: SnapshotCache,
+        options: Options,
+        *,
+        quiet: float = 0.1,
+        max_delay: float = 1.0,
+    ) -> None:
+        self._snapshot = snapshot
+        self._changed = changed
+        self.policy = policy
+        self.cache = cache
+        self.options = options
+        self.quiet = quiet
+        self.max_delay = max_delay
+        self.placement: Placement | None = None
+
+    def publish(self) -> None:
+        """Translate the current placement into the cache now."""
+        started = time.perf_counter()
+        placement = self._snapshot()
+        changed = self.cache.set(translate(placement, self.policy, self.options))
+        self.placement = placement
+        elapsed = time.perf_counter() - started
+        metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
+        metrics.SNAPSHOTS.inc()
+        if changed:
+            log.info(
+                "etcd revision %d: pushed %s in %.1f ms",
+                placement.revision,
+                ",".join(t.rsplit(".", 1)[-1] for t in changed),
+                elapsed * 1000,
+            )
+
+    async def run(self) -> None:
+        while True:
+            await self._wait_for_change()
+            await self._debounce()
+            self._changed.clear()
+            self.publish()
+
+    async def _wait_for_change(self) -> None:
+        """Until etcd changed, or a loading copy becomes loaded by the clock."""
+        due = self.placement.next_transition_ms if self.placement else None
+        timeout = None if due is None else max(0.0, due / 1000 - time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _debounce(self) -> None:
+        deadline = time.monotonic() + self.max_delay
+        while (left := deadline - time.monotonic()) > 0:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(self.quiet, left))
+            except TimeoutError:
+                return

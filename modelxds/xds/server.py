@@ -1,0 +1,165 @@
+"""State-of-the-world Aggregated Discovery Service over grpc.aio.
+
+The server never computes config: it sends what the SnapshotCache holds. Per
+stream and per type it remembers what it sent (version, nonce, names) and what
+the gateway said about it. A NACK (a request carrying ``error_detail``) is
+recorded and the rejected version is not sent again; the next new version is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from modelxds import metrics
+from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SHORT_NAMES
+
+log = logging.getLogger(__name__)
+
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+
+
+_DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
+
+
+@dataclass
+class TypeState:
+    """One resource type on one stream."""
+
+    names: frozenset[str] | None = None  # None: wildcard (every resource)
+    sent_version: str | None = None
+    sent_names: frozenset[str] | None = None
+    nonce: str = ""
+    acked_version: str = ""
+    nacked_version: str = ""
+    nack_message: str = ""
+    responses: int = 0
+
+
+@dataclass
+class Stream:
+    id: int
+    peer: str
+    node_id: str = ""
+    cluster: str = ""
+    connected_at: float = field(default_factory=time.time)
+    types: dict[str, TypeState] = field(default_factory=dict)
+
+
+class AdsServer:
+    """Serves the cache to any number of gateways."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self.cache = cache
+        self.streams: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self._nonces = itertools.count(1)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self._stream,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=bytes,  # the cache already holds serialized responses
+        )
+        return grpc.method_handlers_generic_handler(
+            "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            {"StreamAggregatedResources": method},
+        )
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        stream = Stream(next(self._ids), context.peer())
+        self.streams[stream.id] = stream
+        wake = asyncio.Event()
+        closed = False
+
+        async def read() -> None:
+            nonlocal closed
+            try:
+                async for req in requests:
+                    self._on_request(stream, req)
+                    wake.set()
+            finally:
+                closed = True
+                wake.set()
+
+        reader = asyncio.create_task(read())
+        self.cache.subscribe(wake)
+        metrics.CONNECTED_GATEWAYS.inc()
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if closed:
+                    break
+                for type_url in PUSH_ORDER:
+                    response = self._next_response(stream, type_url)
+                    if response is not None:
+                        yield response
+        finally:
+            self.cache.unsubscribe(wake)
+            reader.cancel()
+            del self.streams[stream.id]
+            metrics.CONNECTED_GATEWAYS.dec()
+            log.info("gateway %s (%s) disconnected", stream.node_id, stream.peer)
+
+    def _on_request(self, stream: Stream, req: discovery_pb2.DiscoveryRequest) -> None:
+        if req.node.id and not stream.node_id:
+            stream.node_id, stream.cluster = req.node.id, req.node.cluster
+            log.info("gateway %s connected from %s", stream.node_id, stream.peer)
+        type_url = req.type_url
+        if type_url not in PUSH_ORDER:
+            log.warning("gateway %s asked for unsupported type %s", stream.node_id, type_url)
+            return
+        state = stream.types.setdefault(type_url, TypeState())
+        short = SHORT_NAMES[type_url]
+        if req.response_nonce and req.response_nonce != state.nonce:
+            return  # answers a response we have since superseded; the newer one is pending
+        if req.HasField("error_detail"):
+            if state.nacked_version != state.sent_version:
+                log.error(
+                    "gateway %s rejected %s version %s: %s",
+                    stream.node_id,
+                    short,
+                    state.sent_version,
+                    req.error_detail.message,
+                )
+                metrics.XDS_NACKS.labels(short).inc()
+            state.nacked_version = state.sent_version or ""
+            state.nack_message = req.error_detail.message
+        elif req.response_nonce:
+            state.acked_version = req.version_info
+            metrics.XDS_ACKS.labels(short).inc()
+        names = list(req.resource_names)
+        state.names = None if SnapshotCache.is_wildcard(type_url, names) else frozenset(names)
+
+    def _next_response(self, stream: Stream, type_url: str) -> bytes | None:
+        state = stream.types.get(type_url)
+        if state is None:
+            return None  # the gateway has not asked for this type (yet)
+        snap = self.cache.get(type_url)
+        if not snap.version:
+            return None  # nothing translated yet: a gateway must not see an empty config
+        if snap.version == state.sent_version and state.names == state.sent_names:
+            return None  # up to date, or this exact version was rejected
+        state.sent_version, state.sent_names = snap.version, state.names
+        # A replaced cluster (listener) warms until it gets endpoints (routes), and a
+        # gateway re-asking for unchanged names would get no answer: send them again.
+        dependent = _DEPENDENT.get(type_url)
+        if dependent in stream.types:
+            stream.types[dependent].sent_version = None
+        state.nonce = str(next(self._nonces))
+        state.responses += 1
+        metrics.XDS_RESPONSES.labels(SHORT_NAMES[type_url]).inc()
+        return snap.response(state.names, state.nonce)

@@ -1,0 +1,325 @@
+"""Placement + routing policy -> Envoy resources. A pure function: same input, same bytes.
+
+The "subset" strategy (ASM's dynamic subsets): one EDS cluster per destination
+service whose endpoints carry, under ``envoy.lb/<subset key>``, the list of
+model ids and InferenceService names routable on that pod. A header_to_metadata
+filter copies the request's model (policy headers, ``mm-vmodel-id``,
+``mm-model-id`` or the REST path) into the same key, and Envoy's subset load
+balancer with ``list_as_any`` picks a pod that holds it, falling back as the
+DestinationRule says when none does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
+from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from modelxds.placement.model import MeshPlacement, Placement
+from modelxds.policy import DestinationRule, FallbackPolicy, HttpRoute, Policy, VirtualService
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+
+LB_NAMESPACE = "envoy.lb"
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+# Headers ModelMesh itself routes by: a gateway that understands them needs no extra header.
+MODELMESH_HEADERS = ("mm-model-id", "mm-vmodel-id")
+# /v2/models/<name>[/versions/<v>][/infer|/ready] -> <name>
+REST_MODEL_PATH = r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/infer|/ready)?/?$"
+
+_FALLBACK = {
+    FallbackPolicy.ANY_ENDPOINT: cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
+    FallbackPolicy.NO_FALLBACK: cluster_pb2.Cluster.LbSubsetConfig.NO_FALLBACK,
+    FallbackPolicy.DEFAULT_SUBSET: cluster_pb2.Cluster.LbSubsetConfig.DEFAULT_SUBSET,
+}
+_SELECTOR_FALLBACK = {
+    FallbackPolicy.ANY_ENDPOINT: cluster_pb2.Cluster.LbSubsetConfig.LbSubsetSelector.ANY_ENDPOINT,
+    FallbackPolicy.NO_FALLBACK: cluster_pb2.Cluster.LbSubsetConfig.LbSubsetSelector.NO_FALLBACK,
+    FallbackPolicy.DEFAULT_SUBSET: (
+        cluster_pb2.Cluster.LbSubsetConfig.LbSubsetSelector.DEFAULT_SUBSET
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Knobs that are not part of the routing policy."""
+
+    descriptor_set: bytes  # KServe V2 proto descriptors for the REST -> gRPC transcoder
+    listen_address: str = "0.0.0.0"
+    default_port: int = 8033  # ModelMesh's gRPC inference port when the VS names none
+    cluster_domain: str = "cluster.local"
+    connect_timeout_ms: int = 1000
+    # Envoy batches metadata-only endpoint updates for this long (default 1 s);
+    # small, so a new copy takes traffic soon after it appears in etcd.
+    update_merge_window_ms: int = 50
+
+
+def translate(placement: Placement, policy: Policy, options: Options) -> Resources:
+    clusters: dict[str, Message] = {}
+    endpoints: dict[str, Message] = {}
+    listeners: dict[str, Message] = {}
+    routes: dict[str, Message] = {}
+    for vs in policy.virtual_services:
+        for http in vs.routes:
+            dr = policy.destination_rule_for(http.destination_host, vs.namespace)
+            if dr is None:  # the policy loader rejects this; skip rather than crash
+                continue
+            fqdn, namespace = service_fqdn(http.destination_host, vs.namespace, options)
+            port = http.destination_port or options.default_port
+            name = cluster_name(fqdn, port)
+            keys = model_keys(http)
+            clusters[name] = build_cluster(name, dr, options)
+            mesh = placement.meshes.get(namespace, MeshPlacement(namespace))
+            endpoints[name] = build_endpoints(name, mesh, keys, port)
+            for listen_port in http.ports:
+                route_name = str(listen_port)
+                listeners[listener_name(options, listen_port)] = build_listener(
+                    listen_port, route_name, http, options
+                )
+                routes[route_name] = build_route_config(route_name, vs, name)
+    return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
+
+
+def service_fqdn(host: str, namespace: str, options: Options) -> tuple[str, str]:
+    """Istio's resolution of a VirtualService destination host: (FQDN, namespace)."""
+    parts = host.split(".")
+    if len(parts) == 1:
+        return f"{host}.{namespace}.svc.{options.cluster_domain}", namespace
+    if len(parts) == 2 or (len(parts) == 3 and parts[2] == "svc"):
+        return f"{parts[0]}.{parts[1]}.svc.{options.cluster_domain}", parts[1]
+    return host, parts[1]
+
+
+def cluster_name(fqdn: str, port: int) -> str:
+    return f"outbound|{port}||{fqdn}"  # Istio's naming, familiar in config_dump
+
+
+def listener_name(options: Options, port: int) -> str:
+    return f"{options.listen_address}_{port}"
+
+
+def model_keys(http: HttpRoute) -> tuple[str, ...]:
+    """Subset keys that carry the model: those the VirtualService maps headers to."""
+    return tuple(dict.fromkeys(h.key for h in http.header_keys))
+
+
+def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_pb2.Cluster:
+    Subset = cluster_pb2.Cluster.LbSubsetConfig
+    subset = Subset(
+        fallback_policy=_FALLBACK[dr.fallback_policy],
+        subset_selectors=[
+            Subset.LbSubsetSelector(
+                keys=list(s.keys), fallback_policy=_SELECTOR_FALLBACK[s.fallback_policy]
+            )
+            for s in dr.selectors
+        ],
+        # a pod whose metadata lists many models joins the subset of each one
+        list_as_any=True,
+    )
+    if dr.default_subset:
+        subset.default_subset.update(dict(dr.default_subset))
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=_ms(options.connect_timeout_ms),
+        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        lb_subset_config=subset,
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            update_merge_window=_ms(options.update_merge_window_ms)
+        ),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(http2)
+        },
+    )
+
+
+def build_endpoints(
+    name: str, mesh: MeshPlacement, keys: Iterable[str], port: int
+) -> endpoint_pb2.ClusterLoadAssignment:
+    keys = tuple(keys)
+    names = mesh.names_by_instance()
+    lb_endpoints = []
+    for iid in sorted(mesh.instances):
+        ep = endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=_address(mesh.instances[iid].host, port), hostname=iid
+            )
+        )
+        if names[iid]:
+            models = struct_pb2.ListValue()
+            models.extend(names[iid])
+            lb = ep.metadata.filter_metadata[LB_NAMESPACE]
+            for key in keys:
+                lb.fields[key].list_value.CopyFrom(models)
+        lb_endpoints.append(ep)
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],
+    )
+
+
+def build_listener(
+    port: int, route_name: str, http: HttpRoute, options: Options
+) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"gateway_{port}",
+        # one port for gRPC (HTTP/2) and REST (HTTP/1.1), as ModelMesh's own service
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name),
+        http_filters=[
+            _http_filter("envoy.filters.http.header_to_metadata", header_rules(http)),
+            _http_filter(
+                "envoy.filters.http.grpc_json_transcoder",
+                transcoder_pb2.GrpcJsonTranscoder(
+                    proto_descriptor_bin=options.descriptor_set,
+                    services=[KSERVE_SERVICE],
+                    print_options=transcoder_pb2.GrpcJsonTranscoder.PrintOptions(
+                        preserve_proto_field_names=True
+                    ),
+                    convert_grpc_status=True,
+                ),
+            ),
+            _http_filter("envoy.filters.http.router", router_pb2.Router()),
+        ],
+    )
+    return listener_pb2.Listener(
+        name=listener_name(options, port),
+        address=_address(options.listen_address, port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(hcm),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def header_rules(http: HttpRoute) -> header_to_metadata_pb2.Config:
+    """Request model -> ``envoy.lb/<key>``. Later rules overwrite earlier ones.
+
+    Lowest first: the REST path (a gRPC path never matches and would otherwise
+    leave the gRPC method name as the "model"), then ModelMesh's own headers,
+    then the headers the VirtualService names, which say what the user meant.
+    """
+    Config = header_to_metadata_pb2.Config
+    rules = []
+    for key in model_keys(http):
+        path_rule = Config.Rule(
+            header=":path",
+            on_header_present=Config.KeyValuePair(
+                metadata_namespace=LB_NAMESPACE,
+                key=key,
+                regex_value_rewrite=regex_pb2.RegexMatchAndSubstitute(
+                    pattern=regex_pb2.RegexMatcher(regex=REST_MODEL_PATH), substitution="\\1"
+                ),
+            ),
+        )
+        rules.append(path_rule)
+        for header in MODELMESH_HEADERS:
+            rules.append(_header_rule(header, key))
+    rules.extend(_header_rule(h.header, h.key) for h in http.header_keys)
+    return Config(request_rules=rules)
+
+
+def build_route_config(name: str, vs: VirtualService, cluster: str) -> route_pb2.RouteConfiguration:
+    route = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(
+            cluster=cluster,
+            # model loads can take minutes; ModelMesh holds the request meanwhile
+            timeout=duration_pb2.Duration(seconds=0),
+            retry_policy=route_components_pb2.RetryPolicy(
+                retry_on="connect-failure,refused-stream,reset",
+                num_retries=wrappers_pb2.UInt32Value(value=2),
+                # a retry goes to another pod, so one that just died is left behind
+                retry_host_predicate=[
+                    route_components_pb2.RetryPolicy.RetryHostPredicate(
+                        name="envoy.retry_host_predicates.previous_hosts",
+                        typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
+                    )
+                ],
+                host_selection_retry_max_attempts=3,
+            ),
+        ),
+        # ModelMesh: serve from the local copy; without this the pod may forward
+        # the request again and spend the hop this gateway saved.
+        request_headers_to_add=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="mm-balanced", value="true"),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+    )
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=f"{vs.namespace}/{vs.name}",
+                domains=list(vs.hosts) or ["*"],
+                routes=[route],
+            )
+        ],
+    )
+
+
+def _header_rule(header: str, key: str) -> header_to_metadata_pb2.Config.Rule:
+    Config = header_to_metadata_pb2.Config
+    return Config.Rule(
+        header=header,
+        on_header_present=Config.KeyValuePair(metadata_namespace=LB_NAMESPACE, key=key),
+    )
+
+
+def _http_filter(name: str, config: Message) -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(name=name, typed_config=_any(config))
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def _ms(ms: int) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(ms)
+    return d
+
+
+def _any(msg: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    return packed
