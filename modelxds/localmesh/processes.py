@@ -7,6 +7,8 @@ outlives the stack that started it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -84,13 +86,24 @@ class _suppress_lookup:
         return exc_type is ProcessLookupError
 
 
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the thread that started it exits, so a
+    # stack whose orchestrator is killed (even with SIGKILL) leaves no orphans.
+    # Hence spawn() must be called from the main thread.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Process:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
     popen = subprocess.Popen(
         args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, env=env,
+        start_new_session=True, env=env, preexec_fn=_die_with_parent,
     )
     return Process(name, popen, log_path, log)
 

@@ -39,8 +39,9 @@ LB_NAMESPACE = "envoy.lb"
 KSERVE_SERVICE = "inference.GRPCInferenceService"
 # Headers ModelMesh itself routes by: a gateway that understands them needs no extra header.
 MODELMESH_HEADERS = ("mm-model-id", "mm-vmodel-id")
-# /v2/models/<name>[/versions/<v>][/infer|/ready] -> <name>
-REST_MODEL_PATH = r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/infer|/ready)?/?$"
+# /v2/models/<name>[/versions/<v>][/infer|/ready] -> <name>; any other path -> "" which
+# header_to_metadata skips, so a gRPC method path never poses as a model name.
+REST_MODEL_PATH = r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/infer|/ready)?/?$|^.*$"
 
 _FALLBACK = {
     FallbackPolicy.ANY_ENDPOINT: cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
@@ -223,27 +224,27 @@ def build_listener(
 def header_rules(http: HttpRoute) -> header_to_metadata_pb2.Config:
     """Request model -> ``envoy.lb/<key>``. Later rules overwrite earlier ones.
 
-    Lowest first: the REST path (a gRPC path never matches and would otherwise
-    leave the gRPC method name as the "model"), then ModelMesh's own headers,
-    then the headers the VirtualService names, which say what the user meant.
+    ModelMesh's own headers first, then the headers the VirtualService names, and
+    the REST path last: the transcoder puts the path's model into the body, and the
+    body is what ModelMesh serves. The implicit sources (ModelMesh headers, path)
+    feed the first mapped key, the model key.
     """
     Config = header_to_metadata_pb2.Config
-    rules = []
-    for key in model_keys(http):
-        path_rule = Config.Rule(
+    model_key = http.header_keys[0].key
+    rules = [_header_rule(h, model_key) for h in MODELMESH_HEADERS]
+    rules.extend(_header_rule(h.header, h.key) for h in http.header_keys)
+    rules.append(
+        Config.Rule(
             header=":path",
             on_header_present=Config.KeyValuePair(
                 metadata_namespace=LB_NAMESPACE,
-                key=key,
+                key=model_key,
                 regex_value_rewrite=regex_pb2.RegexMatchAndSubstitute(
                     pattern=regex_pb2.RegexMatcher(regex=REST_MODEL_PATH), substitution="\\1"
                 ),
             ),
         )
-        rules.append(path_rule)
-        for header in MODELMESH_HEADERS:
-            rules.append(_header_rule(header, key))
-    rules.extend(_header_rule(h.header, h.key) for h in http.header_keys)
+    )
     return Config(request_rules=rules)
 
 

@@ -1,0 +1,180 @@
+"""The whole system on one machine: etcd, sample pods, `modelxds serve`, an Envoy gateway.
+
+Pods bind distinct loopback addresses (127.0.0.11, .12, ...) on one port, as pods
+in a cluster share a port on distinct IPs, and register in etcd as ModelMesh
+pods do. `make run` and the end-to-end tests both start exactly this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aetcd
+
+from modelxds.localmesh import processes
+from modelxds.localmesh.sample import SampleBackend
+from modelxds.modelmesh import Layout
+from modelxds.modelmesh.registrar import PodRegistration, etcd_client
+from modelxds.policy.seed import SEED_POLICY_YAML
+from modelxds.xds.bootstrap import bootstrap
+
+SEED_GATEWAY_PORT = 8008
+SEED_POD_PORT = 8033
+
+
+def pod_host(index: int) -> str:
+    return f"127.0.0.{11 + index}"
+
+
+def pod_instance_id(index: int) -> str:
+    # the last 12 characters of a pod name, as ModelMesh derives instance ids
+    return f"7dd689-pod{index:02d}"
+
+
+def seed_policy(gateway_port: int, pod_port: int) -> str:
+    """The seed's DestinationRule/VirtualService with the listener and pod ports swapped in."""
+    return SEED_POLICY_YAML.replace(f"port: {SEED_GATEWAY_PORT}", f"port: {gateway_port}").replace(
+        f"number: {SEED_POD_PORT}", f"number: {pod_port}"
+    )
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    pods: int = 3
+    pod_port: int = 0
+    gateway_port: int = 0
+    xds_port: int = 0
+    admin_port: int = 0
+    metrics_port: int = 0
+    etcd_port: int = 0
+    listen_address: str = "127.0.0.1"
+    policy_text: str | None = None
+    serve_args: tuple[str, ...] = ()
+    layout: Layout = field(default_factory=Layout)
+    backends: list[SampleBackend] = field(default_factory=list)
+    registrations: list[PodRegistration] = field(default_factory=list)
+    processes: list[processes.Process] = field(default_factory=list)
+    client: aetcd.Client | None = None
+
+    @property
+    def etcd_url(self) -> str:
+        return f"http://127.0.0.1:{self.etcd_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def gateway(self) -> str:
+        host = "127.0.0.1" if self.listen_address == "0.0.0.0" else self.listen_address
+        return f"{host}:{self.gateway_port}"
+
+    @property
+    def etcd(self) -> aetcd.Client:
+        assert self.client is not None, "stack not started"
+        return self.client
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        pick = processes.free_port
+        self.pod_port = self.pod_port or pick(pod_host(0))
+        self.gateway_port = self.gateway_port or pick()
+        self.xds_port, self.admin_port = self.xds_port or pick(), self.admin_port or pick()
+        self.metrics_port, self.etcd_port = self.metrics_port or pick(), self.etcd_port or pick()
+        try:
+            self.processes.append(processes.start_etcd(self.workdir, self.etcd_port))
+            self.client = etcd_client(self.etcd_url)
+            await self.client.connect()
+            for i in range(self.pods):
+                await self.add_pod(i)
+            await self._start_serve()
+            self.processes.append(
+                processes.start_envoy(
+                    "envoy",
+                    bootstrap(f"127.0.0.1:{self.xds_port}", "gateway-0", self.admin),
+                    self.workdir,
+                )
+            )
+            await self._wait_gateway_listening()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def add_pod(self, index: int, *, ttl: int = 10) -> PodRegistration:
+        backend = SampleBackend(pod_host(index), self.pod_port, pod_instance_id(index))
+        await backend.start()
+        reg = PodRegistration(self.etcd, self.layout, backend.instance_id, backend.host, ttl=ttl)
+        await reg.register()
+        self.backends.append(backend)
+        self.registrations.append(reg)
+        return reg
+
+    def pod(self, instance_id: str) -> tuple[SampleBackend, PodRegistration]:
+        for b, r in zip(self.backends, self.registrations, strict=True):
+            if b.instance_id == instance_id:
+                return b, r
+        raise KeyError(instance_id)
+
+    async def _start_serve(self) -> None:
+        policy = self.workdir / "policy.yaml"
+        policy.write_text(self.policy_text or seed_policy(self.gateway_port, self.pod_port))
+        proc = processes.spawn(
+            "modelxds",
+            [
+                sys.executable, "-m", "modelxds.cli", "serve",
+                "--etcd", self.etcd_url,
+                "--root-prefix", self.layout.root_prefix,
+                "--service-name", self.layout.service_name,
+                "--policy", str(policy),
+                "--xds-address", f"127.0.0.1:{self.xds_port}",
+                "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+                "--listen-address", self.listen_address,
+                *self.serve_args,
+            ],
+            self.workdir,
+        )
+        self.processes.append(proc)
+        await asyncio.to_thread(processes.wait_for_port, proc, "127.0.0.1", self.xds_port)
+
+    async def _wait_gateway_listening(self, timeout: float = 30) -> None:
+        async def listening() -> bool:
+            stats = await asyncio.to_thread(processes.admin_get, self.admin, "/listeners")
+            return f":{self.gateway_port}" in stats
+
+        await wait_until(listening, timeout, f"gateway listener on port {self.gateway_port}")
+
+    def metrics(self) -> str:
+        return processes.admin_get(f"127.0.0.1:{self.metrics_port}", "/metrics")
+
+    async def stop(self) -> None:
+        for reg in self.registrations:
+            with contextlib.suppress(Exception):
+                await reg.stop(revoke=False)
+        for backend in self.backends:
+            await backend.stop(0)
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if await check():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,33 @@
+"""End-to-end fixtures: a real etcd, `modelxds serve`, a real Envoy and sample pods."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from modelxds.localmesh.stack import Stack
+from tests.e2e.gwclient import Client
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest_asyncio.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    s = Stack(tmp_path / "stack")
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+@pytest_asyncio.fixture
+async def client(stack: Stack) -> AsyncIterator[Client]:
+    c = Client(stack)
+    try:
+        yield c
+    finally:
+        await c.close()

