@@ -102,8 +102,13 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None 
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
     popen = subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, env=env, preexec_fn=_die_with_parent,
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+        preexec_fn=_die_with_parent,
     )
     return Process(name, popen, log_path, log)
 
@@ -112,13 +117,17 @@ def wait_for_port(proc: Process, host: str, port: int, timeout: float = 30.0) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"{proc.name} did not listen on {host}:{port} in {timeout}s:\n{proc.log_tail()}")
+    raise TimeoutError(
+        f"{proc.name} did not listen on {host}:{port} in {timeout}s:\n{proc.log_tail()}"
+    )
 
 
 def start_etcd(workdir: Path, client_port: int, peer_port: int | None = None) -> Process:
@@ -128,10 +137,23 @@ def start_etcd(workdir: Path, client_port: int, peer_port: int | None = None) ->
     proc = spawn(
         "etcd",
         [
-            binary("etcd"), "--name", "modelxds", "--data-dir", str(workdir / "etcd-data"),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"modelxds={peer}", "--log-level", "warn",
+            binary("etcd"),
+            "--name",
+            "modelxds",
+            "--data-dir",
+            str(workdir / "etcd-data"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"modelxds={peer}",
+            "--log-level",
+            "warn",
         ],
         workdir,
     )
@@ -147,9 +169,15 @@ def start_envoy(
     proc = spawn(
         name,
         [
-            binary("envoy"), "-c", str(config), "--concurrency", str(concurrency),
+            binary("envoy"),
+            "-c",
+            str(config),
+            "--concurrency",
+            str(concurrency),
             # several Envoys on one machine must not share hot-restart shared memory
-            "--disable-hot-restart", "--log-level", "warning",
+            "--disable-hot-restart",
+            "--log-level",
+            "warning",
         ],
         workdir,
     )

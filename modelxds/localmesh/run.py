@@ -20,9 +20,72 @@ from modelxds.modelmesh.registrar import put_vmodel
 
 SEED_ISVC = "example-mnist-isvc"
 SEED_MODEL = "example-mnist-isvc__isvc-6b2eb0b8bf"
-SEED_INPUT = [0, 0, 1, 11, 14, 15, 3, 0, 0, 1, 13, 16, 12, 16, 8, 0, 0, 8, 16, 4, 6, 16, 5, 0, 0,
-              5, 15, 11, 13, 14, 0, 0, 0, 0, 2, 12, 16, 13, 0, 0, 0, 0, 0, 13, 16, 16, 6, 0, 0, 0,
-              0, 16, 16, 16, 7, 0, 0, 0, 0, 11, 13, 12, 1, 0]
+SEED_INPUT = [
+    0,
+    0,
+    1,
+    11,
+    14,
+    15,
+    3,
+    0,
+    0,
+    1,
+    13,
+    16,
+    12,
+    16,
+    8,
+    0,
+    0,
+    8,
+    16,
+    4,
+    6,
+    16,
+    5,
+    0,
+    0,
+    5,
+    15,
+    11,
+    13,
+    14,
+    0,
+    0,
+    0,
+    0,
+    2,
+    12,
+    16,
+    13,
+    0,
+    0,
+    0,
+    0,
+    0,
+    13,
+    16,
+    16,
+    6,
+    0,
+    0,
+    0,
+    0,
+    16,
+    16,
+    16,
+    7,
+    0,
+    0,
+    0,
+    0,
+    11,
+    13,
+    12,
+    1,
+    0,
+]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -72,9 +135,15 @@ async def main(argv: list[str] | None = None) -> int:
             if f.is_file():
                 f.unlink()
     stack = Stack(
-        workdir, pods=args.pods, pod_port=args.pod_port, gateway_port=args.gateway_port,
-        xds_port=args.xds_port, admin_port=args.admin_port, metrics_port=args.metrics_port,
-        etcd_port=args.etcd_port, listen_address="0.0.0.0",
+        workdir,
+        pods=args.pods,
+        pod_port=args.pod_port,
+        gateway_port=args.gateway_port,
+        xds_port=args.xds_port,
+        admin_port=args.admin_port,
+        metrics_port=args.metrics_port,
+        etcd_port=args.etcd_port,
+        listen_address="0.0.0.0",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,9 +157,12 @@ async def main(argv: list[str] | None = None) -> int:
     try:
         _, reg = stack.pod(pod_instance_id(1))
         await reg.add_copy(SEED_MODEL, started_ms=1)
-        await put_vmodel(stack.etcd, stack.layout, SEED_ISVC,
-                         VModelRecord(owner="isvc", active_model=SEED_MODEL,
-                                      target_model=SEED_MODEL))
+        await put_vmodel(
+            stack.etcd,
+            stack.layout,
+            SEED_ISVC,
+            VModelRecord(owner="isvc", active_model=SEED_MODEL, target_model=SEED_MODEL),
+        )
         print(_banner(stack), flush=True)
         await stop.wait()
         print("stopping...", flush=True)

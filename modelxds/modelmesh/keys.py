@@ -82,7 +82,7 @@ class Layout:
         """Which table and item a key belongs to; None for keys we do not read."""
         if key.startswith(self.litelinks_prefix):
             item = key[len(self.litelinks_prefix) :]
-            return (Table.LITELINKS, item) if item else None
+            return (Table.LITELINKS, item) if item and "/" not in item else None
         if not key.startswith(self.mm_prefix):
             return None
         table_name, sep, item = key[len(self.mm_prefix) :].partition("/")

@@ -163,12 +163,7 @@ _SPECS: dict[type, _Spec] = {
     ),
 }
 
-TABLE_RECORD: dict[Table, type[Record]] = {
-    Table.REGISTRY: ModelRecord,
-    Table.VMODELS: VModelRecord,
-    Table.INSTANCES: InstanceRecord,
-    Table.LITELINKS: LitelinksRecord,
-}
+_REQUIRED = frozenset({"hostname", "instance_id"})  # the only fields without a default
 
 
 def _parse(cls: type[_T], raw: bytes | str) -> _T:
@@ -181,10 +176,10 @@ def _parse(cls: type[_T], raw: bytes | str) -> _T:
     kwargs = {
         attr: read(name, doc[name]) for name, attr, read in _SPECS[cls] if doc.get(name) is not None
     }
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise RecordError(str(e)) from None
+    missing = [name for name, attr, _ in _SPECS[cls] if attr in _REQUIRED and attr not in kwargs]
+    if missing:
+        raise RecordError(f"missing required field {', '.join(map(repr, missing))}")
+    return cls(**kwargs)
 
 
 def parse_model(raw: bytes | str) -> ModelRecord:
@@ -221,6 +216,8 @@ def encode(record: Record) -> bytes:
         value = getattr(record, attr)
         if value in (None, "", 0, False) or (hasattr(value, "__len__") and len(value) == 0):
             continue
+        if attr == "type" and value == DEFAULT_MODEL_TYPE:
+            continue  # absent means this type
         if isinstance(value, Mapping):
             value = dict(value)
         elif isinstance(value, tuple):

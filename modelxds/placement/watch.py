@@ -30,7 +30,8 @@ from modelxds.modelmesh import (
     Table,
     VModelRecord,
 )
-from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement, build_mesh
+from modelxds.placement.index import Changes, MeshIndex
+from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class MeshTables:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     litelinks: dict[str, LitelinksRecord] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)  # key -> why it was skipped
+    changes: Changes = field(default_factory=Changes)  # since the last snapshot
 
     def _table(self, table: Table) -> dict[str, object]:
         return {  # type: ignore[return-value]
@@ -79,6 +81,7 @@ class MeshTables:
         if parsed is None:
             return False
         table, item = parsed
+        self._note(table, item)
         rows = self._table(table)
         if value is None:
             self.invalid.pop(key, None)
@@ -97,10 +100,13 @@ class MeshTables:
         self.invalid.pop(key, None)
         return True
 
-    def clear(self) -> None:
-        for table in Table:
-            self._table(table).clear()
-        self.invalid.clear()
+    def _note(self, table: Table, item: str) -> None:
+        if table is Table.REGISTRY:
+            self.changes.models.add(item)
+        elif table is Table.VMODELS:
+            self.changes.vmodels.add(item)
+        else:
+            self.changes.pods = True
 
 
 class PlacementWatcher:
@@ -117,6 +123,7 @@ class PlacementWatcher:
         self.endpoint = endpoint.removeprefix("http://").removeprefix("https://")
         self.tables = [MeshTables(ns, layout) for ns, layout in meshes]
         self.loaded_after_ms = loaded_after_ms
+        self._indexes = [MeshIndex(ns, loaded_after_ms) for ns, _ in meshes]
         self.max_backoff = max_backoff
         self.revision = 0
         self.changed = asyncio.Event()
@@ -128,15 +135,9 @@ class PlacementWatcher:
     def snapshot(self, now_ms: int | None = None) -> Placement:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         meshes = {}
-        for t in self.tables:
-            meshes[t.namespace] = build_mesh(
-                t.namespace,
-                t.registry,
-                t.vmodels,
-                t.instances,
-                t.litelinks,
-                now_ms,
-                self.loaded_after_ms,
+        for t, index in zip(self.tables, self._indexes, strict=True):
+            meshes[t.namespace] = index.refresh(
+                t.changes, t.registry, t.vmodels, t.instances, t.litelinks, now_ms
             )
             metrics.MODELS.labels(t.namespace).set(len(t.registry))
             metrics.INSTANCES.labels(t.namespace).set(len(meshes[t.namespace].instances))
@@ -182,8 +183,10 @@ class PlacementWatcher:
 
     async def _list(self, kv: rpc.KVStub) -> None:
         revision = 0
-        fresh = [MeshTables(t.namespace, t.layout) for t in self.tables]
+        # known bad keys carry over, so a re-list does not log and count them again
+        fresh = [MeshTables(t.namespace, t.layout, invalid=dict(t.invalid)) for t in self.tables]
         by_layout = {id(t): f for t, f in zip(self.tables, fresh, strict=True)}
+        seen: set[bytes] = set()
         for prefix, tables in self._prefixes:
             start, end = prefix.encode(), prefix_range_end(prefix.encode())
             while True:
@@ -193,12 +196,14 @@ class PlacementWatcher:
                 )
                 revision = revision or resp.header.revision
                 for kv_ in resp.kvs:
+                    seen.add(kv_.key)
                     self._apply(by_layout[id(tables)], kv_.key, kv_.value)
                 if not resp.more:
                     break
                 start = resp.kvs[-1].key + b"\0"
         # Swap in whole: a snapshot never mixes old and new listings.
         for t, f in zip(self.tables, fresh, strict=True):
+            f.invalid = {k: v for k, v in f.invalid.items() if k.encode() in seen}
             t.registry, t.vmodels, t.instances, t.litelinks = (
                 f.registry,
                 f.vmodels,
@@ -206,6 +211,10 @@ class PlacementWatcher:
                 f.litelinks,
             )
             t.invalid = f.invalid
+            # a re-list may have missed deletes: derive everything again from scratch
+            t.changes = Changes()
+            t.changes.all(t.registry, t.vmodels)
+        self._indexes = [MeshIndex(t.namespace, self.loaded_after_ms) for t in self.tables]
         self._advance(revision)
         self.synced.set()
 

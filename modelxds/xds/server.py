@@ -140,6 +140,7 @@ class AdsServer:
             state.nack_message = req.error_detail.message
         elif req.response_nonce:
             state.acked_version = req.version_info
+            state.nacked_version = ""  # a later rejection, even of the same version, is news
             metrics.XDS_ACKS.labels(short).inc()
         names = list(req.resource_names)
         state.names = None if SnapshotCache.is_wildcard(type_url, names) else frozenset(names)

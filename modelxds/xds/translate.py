@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
@@ -28,11 +29,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from modelxds.placement.model import MeshPlacement, Placement
 from modelxds.policy import DestinationRule, FallbackPolicy, HttpRoute, Policy, VirtualService
+from modelxds.xds.cache import encode_field
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
 
 LB_NAMESPACE = "envoy.lb"
@@ -160,25 +162,34 @@ def build_endpoints(
     name: str, mesh: MeshPlacement, keys: Iterable[str], port: int
 ) -> endpoint_pb2.ClusterLoadAssignment:
     keys = tuple(keys)
-    names = mesh.names_by_instance()
-    lb_endpoints = []
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    # Built in place: appending finished messages would deep-copy megabytes of metadata.
+    lb_endpoints = cla.endpoints.add().lb_endpoints
     for iid in sorted(mesh.instances):
-        ep = endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(
-                address=_address(mesh.instances[iid].host, port), hostname=iid
-            )
-        )
-        if names[iid]:
-            models = struct_pb2.ListValue()
-            models.extend(names[iid])
+        ep = lb_endpoints.add()
+        ep.endpoint.hostname = iid
+        ep.endpoint.address.socket_address.address = mesh.instances[iid].host
+        ep.endpoint.address.socket_address.port_value = port
+        names = mesh.names.get(iid, ())
+        if names:
+            encoded = _encoded_list(names)
             lb = ep.metadata.filter_metadata[LB_NAMESPACE]
             for key in keys:
-                lb.fields[key].list_value.CopyFrom(models)
-        lb_endpoints.append(ep)
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],
-    )
+                lb.fields[key].list_value.MergeFromString(encoded)
+    return cla
+
+
+@lru_cache(maxsize=4096)
+def _encoded_list(names: tuple[str, ...]) -> bytes:
+    """A serialized ListValue of strings. Tens of thousands of names per push: parsing one
+    blob beats a Python Value object per name, and an unchanged pod's blob is reused."""
+    return b"".join(map(_list_item, names))
+
+
+@lru_cache(maxsize=1 << 20)
+def _list_item(name: str) -> bytes:
+    """``ListValue.values`` entry (field 1) holding ``Value.string_value`` (field 3)."""
+    return encode_field(1, encode_field(3, name.encode()))
 
 
 def build_listener(

@@ -31,11 +31,20 @@ class Client:
 
     async def rest(self, model: str, headers: dict[str, str] | None = None) -> str:
         body = json.dumps(
-            {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",
-                         "contents": {"fp32_contents": [1, 2]}}]}
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": [1, 2],
+                        "datatype": "FP32",
+                        "contents": {"fp32_contents": [1, 2]},
+                    }
+                ]
+            }
         ).encode()
         req = urllib.request.Request(
-            f"http://{self.stack.gateway}/v2/models/{model}/infer", data=body,
+            f"http://{self.stack.gateway}/v2/models/{model}/infer",
+            data=body,
             headers={"content-type": "application/json", **(headers or {})},
         )
 

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.modelmesh.records import VModelRecord
 from modelxds.modelmesh.registrar import put_vmodel
-from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from tests.e2e.gwclient import Client
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +18,9 @@ LOADED_LONG_AGO = 1  # epoch ms: a copy whose load started long ago counts as lo
 N = 20
 
 
-async def _route_count(client: Client, model: str, *, n: int = N, how: str = "model") -> Counter[str]:
+async def _route_count(
+    client: Client, model: str, *, n: int = N, how: str = "model"
+) -> Counter[str]:
     seen: Counter[str] = Counter()
     for _ in range(n):
         if how == "rest":
@@ -42,9 +44,14 @@ async def test_loaded_model_reaches_its_holder_by_header_vmodel_and_rest_path(
     _, reg = stack.pod(holder)
     await reg.add_copy("mnist-svm__isvc-6b2eb0b8bf", started_ms=LOADED_LONG_AGO)
     await put_vmodel(
-        stack.etcd, stack.layout, "example-mnist-isvc",
-        VModelRecord(owner="isvc", active_model="mnist-svm__isvc-6b2eb0b8bf",
-                     target_model="mnist-svm__isvc-6b2eb0b8bf"),
+        stack.etcd,
+        stack.layout,
+        "example-mnist-isvc",
+        VModelRecord(
+            owner="isvc",
+            active_model="mnist-svm__isvc-6b2eb0b8bf",
+            target_model="mnist-svm__isvc-6b2eb0b8bf",
+        ),
     )
     await _until_routed(client, "example-mnist-isvc", {holder})
 

@@ -33,9 +33,14 @@ async def test_listener_envoy_cannot_bind_is_nacked_once_and_not_resent(tmp_path
     await stack.start()
     client = Client(stack)
     try:
+
         async def nacked() -> bool:
-            return _metric(await asyncio.to_thread(stack.metrics), "modelxds_xds_nacks_total",
-                           type="lds") >= 1
+            return (
+                _metric(
+                    await asyncio.to_thread(stack.metrics), "modelxds_xds_nacks_total", type="lds"
+                )
+                >= 1
+            )
 
         await wait_until(nacked, 15, "the gateway to reject the listener config")
         sent = _metric(stack.metrics(), "modelxds_xds_responses_total", type="lds")

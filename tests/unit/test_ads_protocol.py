@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import grpc
 import pytest
@@ -33,8 +34,8 @@ from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 from modelxds.xds.server import AdsServer, Stream
 
-Request = discovery_pb2.DiscoveryRequest
-Response = discovery_pb2.DiscoveryResponse
+Request: TypeAlias = discovery_pb2.DiscoveryRequest
+Response: TypeAlias = discovery_pb2.DiscoveryResponse
 
 WAIT = 1.0  # a response that should come
 QUIET = 0.2  # how long "nothing is sent" is watched for
@@ -207,7 +208,9 @@ class Gateway:
         self.request(resp.type_url, names, v, resp.nonce, error=message)
 
     async def recv(self, timeout: float = WAIT) -> Response:
-        return await asyncio.wait_for(self.responses.get(), timeout)
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(self.responses.get(), timeout)
+        pytest.fail(f"{self.node_id}: no response within {timeout} s")
 
     async def recv_types(self, n: int) -> list[str]:
         return [(await self.recv()).type_url for _ in range(n)]
@@ -613,3 +616,37 @@ async def test_unsupported_type_is_ignored_and_the_stream_keeps_working(env: Env
     resp = await gw.recv()
     assert resp.type_url == CLUSTER
     assert env.stream_of("gw-1").node_id == "gw-1"
+
+
+async def test_a_version_rejected_again_after_an_accepted_one_is_counted_again(
+    env: Env,
+) -> None:
+    """A bad config, a fix, then the bad config again (e.g. the fix rolled back).
+
+    The second rejection is a new push refused by the gateway: the operator must see it
+    in modelxds_xds_nacks_total like the first one.
+    """
+    bad, good = make_config(clusters={"model-a": 3}), make_config()
+    env.cache.set(bad)
+    gw = env.gateway("gw-rollback")
+    gw.request(CLUSTER)
+    first = await gw.recv()
+    nacks = sample("modelxds_xds_nacks_total", {"type": "cds"})
+    gw.nack(first, "bad cluster", version="")
+    await gw.expect_nothing(0.1)
+    assert sample("modelxds_xds_nacks_total", {"type": "cds"}) == nacks + 1
+
+    env.cache.set(good)
+    fixed = await gw.recv()
+    gw.ack(fixed)
+    await gw.expect_nothing(0.1)
+
+    env.cache.set(bad)
+    again = await gw.recv()
+    assert again.version_info == first.version_info
+    gw.nack(again, "bad cluster", version=fixed.version_info)
+    await gw.expect_nothing(0.1)
+    state = env.stream_of("gw-rollback").types[CLUSTER]
+    assert state.nacked_version == again.version_info
+    assert state.acked_version == fixed.version_info
+    assert sample("modelxds_xds_nacks_total", {"type": "cds"}) == nacks + 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -20,6 +21,8 @@ from modelxds.xds.cache import SnapshotCache, TypeSnapshot, encode_field
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 
 # ---------------------------------------------------------------------------- helpers
+
+M = TypeVar("M", bound=Message)
 
 
 def cluster(name: str, timeout_s: int = 1) -> cluster_pb2.Cluster:
@@ -71,7 +74,7 @@ def parse(raw: bytes) -> discovery_pb2.DiscoveryResponse:
     return discovery_pb2.DiscoveryResponse.FromString(raw)
 
 
-def unpack(resource: any_pb2.Any, factory: Callable[[], Message]) -> Message:
+def unpack(resource: any_pb2.Any, factory: Callable[[], M]) -> M:
     msg = factory()
     assert resource.Unpack(msg), f"Any of type {resource.type_url} is not {msg.DESCRIPTOR.name}"
     return msg

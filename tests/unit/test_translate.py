@@ -26,8 +26,11 @@ KEY = "modelmesh.asm.alibabacloud.com"
 
 
 def _placement() -> Placement:
-    pods = {"7dd689-4zwqs": "100.96.35.150", "7dd689-k2x9p": "100.96.35.151",
-            "7dd689-p3r7q": "100.96.35.152"}
+    pods = {
+        "7dd689-4zwqs": "100.96.35.150",
+        "7dd689-k2x9p": "100.96.35.151",
+        "7dd689-p3r7q": "100.96.35.152",
+    }
     mesh = build_mesh(
         "modelmesh-serving",
         registry={
@@ -38,18 +41,22 @@ def _placement() -> Placement:
             # loading on one pod only: still routed there rather than loaded twice
             "xgb__isvc-1a2b3c4d5e": ModelRecord(instance_ids={"7dd689-p3r7q": NOW - 1000}),
             # its only copy is on a pod that is gone, and one load failed
-            "orphan": ModelRecord(instance_ids={"7dd689-gone00": NOW - 99_000},
-                                  failed_in={"7dd689-k2x9p": NOW - 5000}),
+            "orphan": ModelRecord(
+                instance_ids={"7dd689-gone00": NOW - 99_000}, failed_in={"7dd689-k2x9p": NOW - 5000}
+            ),
         },
         vmodels={
             "example-mnist-isvc": VModelRecord(
-                owner="isvc", active_model="mnist-svm__isvc-6b2eb0b8bf",
+                owner="isvc",
+                active_model="mnist-svm__isvc-6b2eb0b8bf",
                 target_model="xgb__isvc-1a2b3c4d5e",
             )
         },
         instances={iid: InstanceRecord(start_time=NOW - 86_400_000) for iid in pods},
-        litelinks={f"{ip}_8080_1": LitelinksRecord(hostname=ip, instance_id=iid, port=8080)
-                   for iid, ip in pods.items()},
+        litelinks={
+            f"{ip}_8080_1": LitelinksRecord(hostname=ip, instance_id=iid, port=8080)
+            for iid, ip in pods.items()
+        },
         now_ms=NOW,
     )
     return Placement({"modelmesh-serving": mesh}, revision=42)
@@ -97,8 +104,10 @@ def test_endpoint_metadata_lists_routable_models_and_vmodels() -> None:
     eds = translate(_placement(), default_policy(), OPTIONS)[ENDPOINT]
     (cla,) = eds.values()
     meta = {
-        ep.endpoint.hostname: [v.string_value for v in
-                               ep.metadata.filter_metadata["envoy.lb"].fields[KEY].list_value.values]
+        ep.endpoint.hostname: [
+            v.string_value
+            for v in ep.metadata.filter_metadata["envoy.lb"].fields[KEY].list_value.values
+        ]
         for ep in cla.endpoints[0].lb_endpoints
     }
     assert meta == {
@@ -120,13 +129,19 @@ def test_fallback_policy_reaches_the_cluster(policy: str, cluster_fallback: str)
     cds = translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER]
     (cluster,) = cds.values()
     subset = cluster.lb_subset_config
-    assert subset.DESCRIPTOR.fields_by_name["fallback_policy"].enum_type.values_by_number[
-        subset.fallback_policy
-    ].name == cluster_fallback
+    assert (
+        subset.DESCRIPTOR.fields_by_name["fallback_policy"]
+        .enum_type.values_by_number[subset.fallback_policy]
+        .name
+        == cluster_fallback
+    )
     selector = subset.subset_selectors[0]
-    assert selector.DESCRIPTOR.fields_by_name["fallback_policy"].enum_type.values_by_number[
-        selector.fallback_policy
-    ].name == cluster_fallback
+    assert (
+        selector.DESCRIPTOR.fields_by_name["fallback_policy"]
+        .enum_type.values_by_number[selector.fallback_policy]
+        .name
+        == cluster_fallback
+    )
     assert subset.list_as_any
 
 
@@ -142,13 +157,17 @@ def test_default_subset_is_configured() -> None:
 
 
 def test_several_headers_and_ports() -> None:
-    text = SEED_POLICY_YAML.replace(
-        "    - header: model\n      key: modelmesh.asm.alibabacloud.com",
-        "    - header: model\n      key: modelmesh.asm.alibabacloud.com\n"
-        "    - header: x-model\n      key: alias",
-    ).replace("    - port: 8008", "    - port: 8008\n    - port: 9008").replace(
-        "          keys: [modelmesh.asm.alibabacloud.com]",
-        "          keys: [modelmesh.asm.alibabacloud.com]\n        - keys: [alias]",
+    text = (
+        SEED_POLICY_YAML.replace(
+            "    - header: model\n      key: modelmesh.asm.alibabacloud.com",
+            "    - header: model\n      key: modelmesh.asm.alibabacloud.com\n"
+            "    - header: x-model\n      key: alias",
+        )
+        .replace("    - port: 8008", "    - port: 8008\n    - port: 9008")
+        .replace(
+            "          keys: [modelmesh.asm.alibabacloud.com]",
+            "          keys: [modelmesh.asm.alibabacloud.com]\n        - keys: [alias]",
+        )
     )
     resources = translate(_placement(), parse_policy(text), OPTIONS)
     assert sorted(resources[LISTENER]) == ["0.0.0.0_8008", "0.0.0.0_9008"]
@@ -156,8 +175,10 @@ def test_several_headers_and_ports() -> None:
     listener = resources[LISTENER]["0.0.0.0_8008"]
     dumped = json.dumps(json_format.MessageToDict(listener))
     # ModelMesh headers first, the policy's headers next, the REST path last (later rules win)
-    order = [dumped.index(h) for h in ('"mm-model-id"', '"mm-vmodel-id"', '"model"',
-                                       '"x-model"', '":path"')]
+    order = [
+        dumped.index(h)
+        for h in ('"mm-model-id"', '"mm-vmodel-id"', '"model"', '"x-model"', '":path"')
+    ]
     assert order == sorted(order)
 
 
