@@ -31,6 +31,7 @@ e2e: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy modelxds
 
 proto: setup

@@ -92,7 +92,10 @@ def run(models: int, pods: int, copies: int, rounds: int) -> dict[str, Any]:
         gc.collect()
         _timed(push, index, changes, t, policy, options, cache, NOW + r)
     return {
-        "models": models, "pods": pods, "copies": copies, "rounds": rounds,
+        "models": models,
+        "pods": pods,
+        "copies": copies,
+        "rounds": rounds,
         "eds_bytes": eds_bytes,
         "cold": {k: summary_ms(v) for k, v in cold.items()}
         | {"total": summary_ms([sum(x) for x in zip(*cold.values(), strict=True)])},
@@ -102,8 +105,14 @@ def run(models: int, pods: int, copies: int, rounds: int) -> dict[str, Any]:
 
 
 def _timed(
-    out: dict[str, list[float]], index: MeshIndex, changes: Changes, t: dict[str, Any],
-    policy: Policy, options: Options, cache: SnapshotCache, now: int,
+    out: dict[str, list[float]],
+    index: MeshIndex,
+    changes: Changes,
+    t: dict[str, Any],
+    policy: Policy,
+    options: Options,
+    cache: SnapshotCache,
+    now: int,
 ) -> None:
     t0 = time.perf_counter()
     mesh = index.refresh(changes, now_ms=now, **t)

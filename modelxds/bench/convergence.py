@@ -17,6 +17,7 @@ import asyncio
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 
@@ -33,8 +34,9 @@ LOADED_LONG_AGO = 1
 
 
 async def _served_by(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> str:
-    resp = await stub.ModelInfer(pb.ModelInferRequest(model_name=model),
-                                 metadata=(("model", model),), timeout=5)
+    resp = await stub.ModelInfer(
+        pb.ModelInferRequest(model_name=model), metadata=(("model", model),), timeout=5
+    )
     return str(resp.outputs[0].contents.bytes_contents[0].decode())
 
 
@@ -76,20 +78,28 @@ async def run(pods: int, models: int, changes: int, workdir: Path) -> dict[str, 
     finally:
         await channel.close()
         await stack.stop()
-    return {"pods": pods, "models": models, "changes": changes,
-            "convergence": summary_ms(samples), "probe_requests_mean": sum(probes) / len(probes)}
+    return {
+        "pods": pods,
+        "models": models,
+        "changes": changes,
+        "convergence": summary_ms(samples),
+        "probe_requests_mean": sum(probes) / len(probes),
+    }
 
 
-def _placed_on(iid: str):  # type: ignore[no-untyped-def]
+def _placed_on(iid: str) -> Callable[[ModelRecord | None], ModelRecord]:
     def change(_: ModelRecord | None) -> ModelRecord:
-        return ModelRecord(type="rt:mlserver-1.x",
-                           instance_ids=MappingProxyType({iid: LOADED_LONG_AGO}))
+        return ModelRecord(
+            type="rt:mlserver-1.x", instance_ids=MappingProxyType({iid: LOADED_LONG_AGO})
+        )
+
     return change
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="bench-results/convergence.json")
     p.add_argument("--pods", type=int, default=10)
     p.add_argument("--models", type=int, default=1000)
@@ -99,8 +109,10 @@ def main() -> None:
         result = asyncio.run(run(args.pods, args.models, args.changes, Path(tmp)))
     c = result["convergence"]
     assert isinstance(c, dict)
-    print(f"{args.models} models / {args.pods} pods, {args.changes} changes: "
-          f"convergence p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms, max {c['max_ms']} ms")
+    print(
+        f"{args.models} models / {args.pods} pods, {args.changes} changes: "
+        f"convergence p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms, max {c['max_ms']} ms"
+    )
     write_result(args.out, {"benchmark": "convergence", "machine": machine(), **result})
 
 

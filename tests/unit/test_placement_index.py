@@ -35,8 +35,8 @@ class History:
             iid = r.choice(PODS)
             self.instances[iid] = InstanceRecord(start_time=self.now, shutdown=r.random() < 0.1)
             self.litelinks[f"{iid}_{r.randrange(3)}"] = LitelinksRecord(
-                hostname=f"10.0.0.{r.randrange(250)}", instance_id=iid,
-                registration_time=self.now)
+                hostname=f"10.0.0.{r.randrange(250)}", instance_id=iid, registration_time=self.now
+            )
             self.changes.pods = True
         elif op == 1:  # a pod's lease expires: both records go
             iid = r.choice(PODS)
@@ -46,8 +46,10 @@ class History:
             self.changes.pods = True
         elif op in (2, 3):  # a load starts, finished long ago, fails, or the model goes
             mid = r.choice(MODELS)
-            ids = {p: self.now - r.choice([0, 1000, 2999, 3000, 10_000])
-                   for p in r.sample(PODS, r.randrange(4))}
+            ids = {
+                p: self.now - r.choice([0, 1000, 2999, 3000, 10_000])
+                for p in r.sample(PODS, r.randrange(4))
+            }
             failed = {p: self.now for p in r.sample(PODS, r.randrange(2))}
             if r.random() < 0.15:
                 self.registry.pop(mid, None)
@@ -60,15 +62,18 @@ class History:
                 self.vmodels.pop(vid, None)
             else:
                 self.vmodels[vid] = VModelRecord(
-                    active_model=r.choice([*MODELS, ""]), target_model=r.choice([*MODELS, ""]),
-                    target_failed=r.random() < 0.3)
+                    active_model=r.choice([*MODELS, ""]),
+                    target_model=r.choice([*MODELS, ""]),
+                    target_failed=r.random() < 0.3,
+                )
             self.changes.vmodels.add(vid)
         else:  # time passes: loading copies become loaded
             self.now += r.choice([1, 500, 1500, 3000])
 
     def reference(self) -> MeshPlacement:
-        return build_mesh("ns", self.registry, self.vmodels, self.instances, self.litelinks,
-                          self.now, THRESHOLD)
+        return build_mesh(
+            "ns", self.registry, self.vmodels, self.instances, self.litelinks, self.now, THRESHOLD
+        )
 
 
 def _same(got: MeshPlacement, want: MeshPlacement) -> None:
@@ -103,7 +108,8 @@ def test_loading_copy_becomes_loaded_by_the_clock_alone() -> None:
     first = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
     assert first.models["m"].loading == ("pod-0",)
     assert first.next_transition_ms == h.now + THRESHOLD
-    later = index.refresh(Changes(), h.registry, h.vmodels, h.instances, h.litelinks,
-                          h.now + THRESHOLD)
+    later = index.refresh(
+        Changes(), h.registry, h.vmodels, h.instances, h.litelinks, h.now + THRESHOLD
+    )
     assert later.models["m"].loaded == ("pod-0",)
     assert later.next_transition_ms is None
