@@ -32,7 +32,7 @@ e2e: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy modelxds
+	$(VENV)/bin/mypy modelxds tests
 
 proto: setup
 	PYTHON=$(PY) proto/build.sh

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
+from modelxds.modelmesh import Table
 from modelxds.modelmesh.records import VModelRecord
 from modelxds.modelmesh.registrar import put_vmodel
 from tests.e2e.gwclient import Client
@@ -128,3 +129,22 @@ async def test_failed_copy_is_not_routed_and_loading_copy_is_used_when_alone(
     await reg_a.fail_copy("fresh")
     await _until_routed(client, "fresh", {b})
     assert set(await _route_count(client, "fresh", n=N)) == {b}
+
+
+async def test_malformed_record_is_skipped_and_routing_goes_on(
+    stack: Stack, client: Client
+) -> None:
+    a, b = pod_instance_id(0), pod_instance_id(2)
+    await stack.pod(a)[1].add_copy("good", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "good", {a})
+    registry = stack.layout.table_prefix(Table.REGISTRY)
+    await stack.etcd.put(f"{registry}garbage".encode(), b'{"instanceIds": "not a map"')
+    await stack.etcd.put(f"{registry}also-garbage".encode(), b'{"instanceIds": {"x": "soon"}}')
+    # the server keeps serving and keeps watching: a later change still routes
+    await stack.pod(b)[1].add_copy("later", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "later", {b})
+    assert set(await _route_count(client, "good")) == {a}
+    metrics = stack.metrics()
+    assert 'modelxds_etcd_invalid_records_total{table="registry"} 2.0' in metrics
+    log = stack.processes[1].log_path.read_text()
+    assert f"{registry}garbage" in log and f"{registry}also-garbage" in log

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
@@ -62,6 +65,16 @@ def _placement() -> Placement:
     return Placement({"modelmesh-serving": mesh}, revision=42)
 
 
+def _cla(msg: Message) -> endpoint_pb2.ClusterLoadAssignment:
+    assert isinstance(msg, endpoint_pb2.ClusterLoadAssignment)
+    return msg
+
+
+def _cluster(msg: Message) -> cluster_pb2.Cluster:
+    assert isinstance(msg, cluster_pb2.Cluster)
+    return msg
+
+
 def _dump(resources: Resources) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for type_url, by_name in resources.items():
@@ -102,7 +115,7 @@ def test_translation_is_deterministic() -> None:
 
 def test_endpoint_metadata_lists_routable_models_and_vmodels() -> None:
     eds = translate(_placement(), default_policy(), OPTIONS)[ENDPOINT]
-    (cla,) = eds.values()
+    (cla,) = map(_cla, eds.values())
     meta = {
         ep.endpoint.hostname: [
             v.string_value
@@ -127,7 +140,7 @@ def test_endpoint_metadata_lists_routable_models_and_vmodels() -> None:
 def test_fallback_policy_reaches_the_cluster(policy: str, cluster_fallback: str) -> None:
     text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", f"fallbackPolicy: {policy}")
     cds = translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER]
-    (cluster,) = cds.values()
+    (cluster,) = map(_cluster, cds.values())
     subset = cluster.lb_subset_config
     assert (
         subset.DESCRIPTOR.fields_by_name["fallback_policy"]
@@ -152,7 +165,9 @@ def test_default_subset_is_configured() -> None:
         "        subsetSelectors:",
         "        defaultSubset: {" + KEY + ": example-mnist-isvc}\n        subsetSelectors:",
     )
-    (cluster,) = translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER].values()
+    (cluster,) = map(
+        _cluster, translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER].values()
+    )
     assert dict(cluster.lb_subset_config.default_subset) == {KEY: "example-mnist-isvc"}
 
 
@@ -187,4 +202,4 @@ def test_namespace_without_placement_gets_a_cluster_without_endpoints() -> None:
     resources = translate(_placement(), parse_policy(text), OPTIONS)
     (name,) = resources[CLUSTER]
     assert name == "outbound|8033||modelmesh-serving.team-b.svc.cluster.local"
-    assert list(resources[ENDPOINT][name].endpoints[0].lb_endpoints) == []
+    assert list(_cla(resources[ENDPOINT][name]).endpoints[0].lb_endpoints) == []

@@ -1,0 +1,83 @@
+"""Debounced pushes: quiet periods coalesce bursts, and a steady stream still gets through."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from modelxds.kserve import descriptor_set_bytes
+from modelxds.placement.model import Placement
+from modelxds.policy import default_policy
+from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.controller import Controller
+from modelxds.xds.translate import Options
+
+
+class Counting:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> Placement:
+        self.calls += 1
+        return Placement()
+
+
+def _controller(
+    snapshot: Counting, changed: asyncio.Event, quiet: float, max_delay: float
+) -> Controller:
+    return Controller(
+        snapshot,
+        changed,
+        default_policy(),
+        SnapshotCache(),
+        Options(descriptor_set=descriptor_set_bytes()),
+        quiet=quiet,
+        max_delay=max_delay,
+    )
+
+
+async def test_a_burst_of_changes_becomes_one_push() -> None:
+    snapshot, changed = Counting(), asyncio.Event()
+    task = asyncio.create_task(_controller(snapshot, changed, quiet=0.2, max_delay=5).run())
+    try:
+        for _ in range(10):
+            changed.set()
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 3
+        while snapshot.calls == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.4)
+        assert snapshot.calls == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_changes_that_never_pause_are_pushed_by_the_max_delay() -> None:
+    snapshot, changed = Counting(), asyncio.Event()
+    task = asyncio.create_task(_controller(snapshot, changed, quiet=0.2, max_delay=0.3).run())
+    try:
+        deadline = time.monotonic() + 3
+        while snapshot.calls < 2 and time.monotonic() < deadline:
+            changed.set()  # faster than the quiet period: without a cap, never pushed
+            await asyncio.sleep(0.05)
+        assert snapshot.calls >= 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_publish_fills_the_cache_with_every_resource_type() -> None:
+    controller = _controller(Counting(), asyncio.Event(), quiet=0.1, max_delay=1)
+    controller.publish()
+    assert controller.cache.ready.is_set()
+    assert all(
+        controller.cache.get(t).version
+        for t in (
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+        )
+    )
