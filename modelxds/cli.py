@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(boot, "--admin-address", "Envoy admin HOST:PORT", default="127.0.0.1:15000")
     _add(boot, "--cluster", "the gateway's node cluster", default="modelxds-gateway")
 
+    status = sub.add_parser(
+        "status", help="per gateway and type: config sent, accepted (ACK) or rejected (NACK)"
+    )
+    _add(status, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
+    _add(status, "--json", "machine-readable output", action="store_true", default=False)
+
     show = sub.add_parser("placement", help="print the placement modelxds sees in etcd")
     _etcd_flags(show)
     _add(show, "--json", "machine-readable output", action="store_true", default=False)
@@ -153,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "placement":
         return asyncio.run(_placement(args))
+    if args.command == "status":
+        return _status(args)
     from modelxds.serve import serve
 
     return asyncio.run(serve(args, _layouts(args)))
@@ -173,6 +181,67 @@ async def _placement(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+    from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+
+    with grpc.insecure_channel(args.xds) as channel:
+        try:
+            resp = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel).FetchClientStatus(
+                csds_pb2.ClientStatusRequest(), timeout=10
+            )
+        except grpc.RpcError as e:
+            print(f"error: cannot reach modelxds at {args.xds}: {e.details()}", file=sys.stderr)
+            return 1
+    rows = status_rows(resp)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no gateways connected")
+    else:
+        width = max(len(r["gateway"]) for r in rows)
+        print(f"{'GATEWAY':<{width}}  " + "  ".join(f"{t:<24}" for t in _TYPES.values()).rstrip())
+        for r in rows:
+            cells = "  ".join(f"{r[t]:<24}" for t in _TYPES.values()).rstrip()
+            print(f"{r['gateway']:<{width}}  {cells}")
+            for error in r["errors"]:
+                print(f"{'':<{width}}  {error}")
+    return 0
+
+
+_TYPES = {
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS",
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "EDS",
+    "type.googleapis.com/envoy.config.listener.v3.Listener": "LDS",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS",
+}
+
+
+def status_rows(resp: Any) -> list[dict[str, Any]]:
+    """One row per gateway: the worst status per type (NACKED > STALE > NOT SENT > SYNCED)."""
+    from envoy.service.status.v3 import csds_pb2
+
+    rank = {"ERROR": 0, "STALE": 1, "NOT_SENT": 2, "SYNCED": 3, "UNKNOWN": 4}
+    rows = []
+    for config in resp.config:
+        worst: dict[str, tuple[int, str]] = {}
+        errors = []
+        for x in config.generic_xds_configs:
+            kind = _TYPES.get(x.type_url, x.type_url)
+            status = csds_pb2.ConfigStatus.Name(x.config_status)
+            label = "NACKED" if status == "ERROR" else status.replace("_", " ")
+            cell = f"{label} {x.version_info[:8]}".strip()
+            if kind not in worst or rank[status] < worst[kind][0]:
+                worst[kind] = (rank[status], cell)
+            if status == "ERROR" and x.error_state.details:
+                errors.append(f"{kind} {x.name}: {x.error_state.details}")
+        row: dict[str, Any] = {"gateway": config.node.id or "(unnamed)"}
+        row.update({kind: worst.get(kind, (0, "NOT REQUESTED"))[1] for kind in _TYPES.values()})
+        row["errors"] = sorted(set(errors))
+        rows.append(row)
+    return rows
 
 
 def placement_report(placement: Placement, invalid: dict[str, str]) -> dict[str, Any]:

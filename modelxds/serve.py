@@ -16,6 +16,7 @@ from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import Layout
 from modelxds.placement.watch import PlacementWatcher
 from modelxds.policy import PolicyError, default_policy, load_policy
+from modelxds.xds import csds
 from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
@@ -55,6 +56,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         ]
     )
     server.add_generic_rpc_handlers([ads.handler()])
+    csds.add_to_server(ads, server)
     try:
         server.add_insecure_port(args.xds_address)
     except RuntimeError as e:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -63,3 +66,25 @@ class Client:
 
 def _instance(raw: bytes) -> str:
     return raw.decode()
+
+
+async def gateway_status(stack: Stack) -> list[dict[str, Any]]:
+    """`modelxds status --json`: per gateway, the config status of each xDS type."""
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "modelxds.cli",
+            "status",
+            "--xds",
+            f"127.0.0.1:{stack.xds_port}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows

@@ -11,7 +11,7 @@ from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.modelmesh import Table
 from modelxds.modelmesh.records import VModelRecord
 from modelxds.modelmesh.registrar import put_vmodel
-from tests.e2e.gwclient import Client
+from tests.e2e.gwclient import Client, gateway_status
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +66,9 @@ async def test_loaded_model_reaches_its_holder_by_header_vmodel_and_rest_path(
     backend, _ = stack.pod(holder)
     # the holder must serve its local copy, not forward again inside the mesh
     assert backend.last_metadata.get("mm-balanced") == "true"
+    (row,) = await gateway_status(stack)
+    assert row["gateway"] == "gateway-0"
+    assert all(row[t].startswith("SYNCED") for t in ("CDS", "EDS", "LDS", "RDS")), row
 
 
 async def test_unknown_model_is_served_by_any_pod(stack: Stack, client: Client) -> None:

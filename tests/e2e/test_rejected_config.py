@@ -9,7 +9,7 @@ from pathlib import Path
 
 from modelxds.localmesh import processes
 from modelxds.localmesh.stack import Stack, pod_instance_id, seed_policy, wait_until
-from tests.e2e.gwclient import Client
+from tests.e2e.gwclient import Client, gateway_status
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -50,6 +50,11 @@ async def test_listener_envoy_cannot_bind_is_nacked_once_and_not_resent(tmp_path
         assert _metric(metrics, "modelxds_xds_nacks_total", type="lds") == 1
         log = stack.processes[1].log_path.read_text()
         assert "rejected lds" in log and str(busy_port) in log
+        # the operator's view of the same: this gateway NACKed LDS, the rest is in sync
+        (row,) = await gateway_status(stack)
+        assert row["LDS"].startswith("NACKED")
+        assert any(str(busy_port) in e for e in row["errors"])
+        assert row["CDS"].startswith("SYNCED") and row["RDS"].startswith("SYNCED")
         # the listener Envoy could bind still serves, routed by placement as usual
         holder = pod_instance_id(2)
         await stack.pod(holder)[1].add_copy("m", started_ms=1)
