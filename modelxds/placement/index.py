@@ -58,7 +58,7 @@ class MeshIndex:
         self._name_sets: dict[str, set[str]] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self._models_by_pod: defaultdict[str, set[str]] = defaultdict(set)
-        self._pods_of: dict[str, frozenset[str]] = {}
+        self._pods_of: dict[str, tuple[str, ...]] = {}
         self._vmodels_by_active: defaultdict[str, set[str]] = defaultdict(set)
         self._due: list[tuple[int, str]] = []  # (epoch ms, model id), may hold stale entries
 
@@ -135,7 +135,9 @@ class MeshIndex:
             copies, due = classify(rec, self._live, now_ms, self.loaded_after_ms)
             self._copies[model_id] = copies
             after = copies.routable
-            pods = frozenset(rec.instance_ids.keys() | rec.failed_in.keys())
+            pods = tuple(rec.instance_ids)
+            if rec.failed_in:
+                pods = tuple(rec.instance_ids.keys() | rec.failed_in.keys())
             self._pods_of[model_id] = pods
             for iid in pods:
                 self._models_by_pod[iid].add(model_id)
@@ -167,10 +169,12 @@ class MeshIndex:
     def _move(
         self, name: str, before: tuple[str, ...], after: tuple[str, ...], dirty_pods: set[str]
     ) -> None:
-        for iid in set(before) - set(after):
-            if iid in self._name_sets:
-                self._name_sets[iid].discard(name)
-                dirty_pods.add(iid)
-        for iid in set(after) - set(before):
+        if before:
+            for iid in set(before).difference(after):
+                if iid in self._name_sets:
+                    self._name_sets[iid].discard(name)
+                    dirty_pods.add(iid)
+        added = set(after).difference(before) if before else after
+        for iid in added:
             self._name_sets[iid].add(name)  # routable implies live
-            dirty_pods.add(iid)
+        dirty_pods.update(added)
