@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
 import pytest
 
+from modelxds.localmesh import processes
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.modelmesh import Table
 from modelxds.modelmesh.records import VModelRecord
 from modelxds.modelmesh.registrar import put_vmodel
+from modelxds.xds.bootstrap import bootstrap
 from tests.e2e.gwclient import Client, gateway_status
 
 pytestmark = pytest.mark.e2e
@@ -151,3 +154,28 @@ async def test_malformed_record_is_skipped_and_routing_goes_on(
     assert 'modelxds_etcd_invalid_records_total{table="registry"} 2.0' in metrics
     log = stack.processes[1].log_path.read_text()
     assert f"{registry}garbage" in log and f"{registry}also-garbage" in log
+
+
+async def test_two_gateways_get_the_same_config_and_both_route(
+    stack: Stack, client: Client
+) -> None:
+    admin = f"127.0.0.1:{processes.free_port()}"
+    second = processes.start_envoy(
+        "envoy-2", bootstrap(f"127.0.0.1:{stack.xds_port}", "gateway-1", admin), stack.workdir
+    )
+    stack.processes.append(second)  # stopped with the stack
+    holder = pod_instance_id(2)
+    await stack.pod(holder)[1].add_copy("shared", started_ms=LOADED_LONG_AGO)
+
+    async def both_synced() -> bool:
+        rows = await gateway_status(stack)
+        return sorted(r["gateway"] for r in rows) == ["gateway-0", "gateway-1"] and all(
+            r[t].startswith("SYNCED") for r in rows for t in ("CDS", "EDS", "LDS", "RDS")
+        )
+
+    await wait_until(both_synced, 15, "both gateways in sync")
+    dump = await asyncio.to_thread(processes.admin_get, admin, "/config_dump?include_eds")
+    assert '"shared"' in dump  # the second gateway carries the placement too
+    # the two Envoys share the listener port (SO_REUSEPORT): whichever answers, it routes
+    await _until_routed(client, "shared", {holder})
+    assert set(await _route_count(client, "shared", n=30)) == {holder}

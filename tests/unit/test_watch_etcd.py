@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import aetcd
+import grpc
 import pytest
 import pytest_asyncio
+from aetcd import rpc
 
 from modelxds.localmesh.processes import free_port, start_etcd
 from modelxds.modelmesh import Layout, ModelRecord, Table, VModelRecord, encode
@@ -20,7 +23,7 @@ from modelxds.modelmesh.registrar import (
     put_vmodel,
 )
 from modelxds.placement.model import MeshPlacement, Placement
-from modelxds.placement.watch import PlacementWatcher
+from modelxds.placement.watch import PlacementWatcher, _Relist
 
 NS = "modelmesh-serving"
 MakePod = Callable[[Layout, str, str], PodRegistration]
@@ -305,3 +308,44 @@ async def test_list_once_and_invalid_records(
     assert set(invalid) == {bad_model, bad_pod}
     assert "startTime" in invalid[bad_pod]
     assert w.revision > 0
+
+
+async def test_watch_from_a_compacted_revision_asks_for_a_relist(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    w = watcher_for(etcd_url, (NS, layout))
+    await w.list_once()
+    a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+    await a.register()
+    put = await client.put(layout.key(Table.VMODELS, "v").encode(), b'{"amid":"m"}')
+    await client.compact(put.header.revision)
+    # the watcher's next revision is gone: it must re-list, not silently skip events
+    async with grpc.aio.insecure_channel(etcd_url.removeprefix("http://")) as channel:
+        with pytest.raises(_Relist, match="compacted"):
+            await asyncio.wait_for(w._watch(rpc.WatchStub(channel)), DEADLINE_S)
+
+
+async def test_watcher_recovers_when_etcd_restarts(tmp_path: Path, layout: Layout) -> None:
+    port = free_port()
+    etcd = start_etcd(tmp_path, port)
+    url = f"http://127.0.0.1:{port}"
+    c = etcd_client(url)
+    reg = PodRegistration(c, layout, "7dd689-aaaaa", "10.9.0.1", ttl=60)
+    try:
+        await c.connect()
+        await reg.register()
+        await reg.add_copy("before", LONG_AGO)
+        w = PlacementWatcher(url, [(NS, layout)], loaded_after_ms=3000, max_backoff=0.5)
+        async with running(w):
+            await eventually(w, in_mesh(lambda m: "before" in m.models), "before restart")
+            etcd.stop()
+            etcd = start_etcd(tmp_path, port)  # same data: the lease and records survive
+            await reg.add_copy("after", LONG_AGO)
+            await eventually(
+                w, in_mesh(lambda m: m.routable("after") == ("7dd689-aaaaa",)), "after restart"
+            )
+            assert w.snapshot().meshes[NS].routable("before") == ("7dd689-aaaaa",)
+    finally:
+        await reg.stop(revoke=False)
+        await c.close()
+        etcd.stop()
