@@ -20,11 +20,10 @@ import pytest
 import pytest_asyncio
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from prometheus_client import REGISTRY
@@ -33,6 +32,7 @@ from modelxds.xds import cache as cache_module
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 from modelxds.xds.server import AdsServer, Stream
+from tests.unit.xds_messages import assignment, cluster
 
 Request: TypeAlias = discovery_pb2.DiscoveryRequest
 Response: TypeAlias = discovery_pb2.DiscoveryResponse
@@ -64,34 +64,9 @@ def make_config(
     endpoints = {"model-a": 8033} if endpoints is None else endpoints
     routes = {"/": "model-a"} if routes is None else routes
     return {
-        CLUSTER: {
-            name: cluster_pb2.Cluster(
-                name=name,
-                type=cluster_pb2.Cluster.EDS,
-                connect_timeout=duration_pb2.Duration(seconds=timeout),
-            )
-            for name, timeout in clusters.items()
-        },
+        CLUSTER: {name: cluster(name, timeout) for name, timeout in clusters.items()},
         ENDPOINT: {
-            name: endpoint_pb2.ClusterLoadAssignment(
-                cluster_name=name,
-                endpoints=[
-                    endpoint_components_pb2.LocalityLbEndpoints(
-                        lb_endpoints=[
-                            endpoint_components_pb2.LbEndpoint(
-                                endpoint=endpoint_components_pb2.Endpoint(
-                                    address=address_pb2.Address(
-                                        socket_address=address_pb2.SocketAddress(
-                                            address="10.1.0.7", port_value=port
-                                        )
-                                    )
-                                )
-                            )
-                        ]
-                    )
-                ],
-            )
-            for name, port in endpoints.items()
+            name: assignment(name, port, host="10.1.0.7") for name, port in endpoints.items()
         },
         LISTENER: {
             "ingress": listener_pb2.Listener(

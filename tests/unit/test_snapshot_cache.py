@@ -8,51 +8,21 @@ from typing import TypeVar
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from modelxds.xds import cache as cache_module
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot, encode_field
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from tests.unit.xds_messages import assignment, cluster
 
 # ---------------------------------------------------------------------------- helpers
 
 M = TypeVar("M", bound=Message)
-
-
-def cluster(name: str, timeout_s: int = 1) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.EDS,
-        connect_timeout=duration_pb2.Duration(seconds=timeout_s),
-    )
-
-
-def assignment(name: str, *ports: int) -> endpoint_pb2.ClusterLoadAssignment:
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(
-                            address=address_pb2.Address(
-                                socket_address=address_pb2.SocketAddress(
-                                    address="10.0.0.1", port_value=port
-                                )
-                            )
-                        )
-                    )
-                    for port in ports
-                ]
-            )
-        ],
-    )
 
 
 def config(
