@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 
 from modelxds.placement.model import MeshPlacement, Placement
 from modelxds.policy import DestinationRule, FallbackPolicy, HttpRoute, Policy, VirtualService
+from modelxds.policy.model import resolve_host
 from modelxds.xds.cache import encode_field
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
 
@@ -66,7 +67,6 @@ class Options:
     descriptor_set: bytes  # KServe V2 proto descriptors for the REST -> gRPC transcoder
     listen_address: str = "0.0.0.0"
     default_port: int = 8033  # ModelMesh's gRPC inference port when the VS names none
-    cluster_domain: str = "cluster.local"
     connect_timeout_ms: int = 1000
     # Envoy batches metadata-only endpoint updates for this long (default 1 s);
     # small, so a new copy takes traffic soon after it appears in etcd.
@@ -83,7 +83,8 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
             dr = policy.destination_rule_for(http.destination_host, vs.namespace)
             if dr is None:  # the policy loader rejects this; skip rather than crash
                 continue
-            fqdn, namespace = service_fqdn(http.destination_host, vs.namespace, options)
+            fqdn = resolve_host(http.destination_host, vs.namespace)
+            namespace = fqdn.split(".")[1]
             port = http.destination_port or options.default_port
             name = cluster_name(fqdn, port)
             keys = model_keys(http)
@@ -97,16 +98,6 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
                 )
                 routes[route_name] = build_route_config(route_name, vs, name)
     return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
-
-
-def service_fqdn(host: str, namespace: str, options: Options) -> tuple[str, str]:
-    """Istio's resolution of a VirtualService destination host: (FQDN, namespace)."""
-    parts = host.split(".")
-    if len(parts) == 1:
-        return f"{host}.{namespace}.svc.{options.cluster_domain}", namespace
-    if len(parts) == 2 or (len(parts) == 3 and parts[2] == "svc"):
-        return f"{parts[0]}.{parts[1]}.svc.{options.cluster_domain}", parts[1]
-    return host, parts[1]
 
 
 def cluster_name(fqdn: str, port: int) -> str:
