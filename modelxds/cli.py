@@ -136,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add(status, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
     _add(status, "--json", "machine-readable output", action="store_true", default=False)
 
+    mesh = sub.add_parser("mesh", help="the local ModelMesh-compatible mesh: InferenceServices")
+    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
+    apply = mesh_sub.add_parser(
+        "apply", help="register InferenceServices (serving.kserve.io, ModelMesh mode)"
+    )
+    apply.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="YAML file or directory; repeatable",
+    )
+    _etcd_flags(apply)
+    mstatus = mesh_sub.add_parser("status", help="InferenceServices: active/target model, state")
+    _etcd_flags(mstatus)
+    _add(mstatus, "--json", "machine-readable output", action="store_true", default=False)
+
     show = sub.add_parser("placement", help="print the placement modelxds sees in etcd")
     _etcd_flags(show)
     _add(show, "--json", "machine-readable output", action="store_true", default=False)
@@ -161,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_placement(args))
     if args.command == "status":
         return _status(args)
+    if args.command == "mesh":
+        return asyncio.run(_mesh(args))
     from modelxds.serve import serve
 
     return asyncio.run(serve(args, _layouts(args)))
@@ -180,6 +199,53 @@ async def _placement(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
+    return 0
+
+
+async def _mesh(args: argparse.Namespace) -> int:
+    from modelxds.localmesh import isvc
+    from modelxds.modelmesh.registrar import etcd_client
+    from modelxds.placement.watch import PlacementWatcher
+
+    layouts = _layouts(args)
+    if len(layouts) != 1:
+        print("error: give one --root-prefix for mesh commands", file=sys.stderr)
+        return 2
+    (_, layout) = layouts[0]
+    if args.mesh_command == "apply":
+        try:
+            services = isvc.read_files(args.filename)
+        except isvc.InferenceServiceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        client = etcd_client(args.etcd)
+        try:
+            await client.connect()
+            for service in services:
+                print(await isvc.apply(client, layout, service))
+        finally:
+            await client.close()
+        return 0
+    watcher = PlacementWatcher(args.etcd, layouts, loaded_after_ms=args.loaded_after_ms)
+    try:
+        await asyncio.wait_for(watcher.list_once(), 30)
+    except Exception as e:
+        print(f"error: cannot read etcd at {args.etcd}: {e}", file=sys.stderr)
+        return 1
+    (ns, _) = layouts[0]
+    rows = isvc.status_rows(watcher.tables[0].vmodels, watcher.snapshot().meshes[ns])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"InferenceService {r['name']}: {r['state']}, ready={r['ready']}")
+        print(
+            f"  active model  {r['active_model'] or '-'}  on {', '.join(r['active_copies']) or '-'}"
+        )
+        if r["target_model"] != r["active_model"]:
+            print(f"  target model  {r['target_model']}  on {', '.join(r['target_copies']) or '-'}")
+    if not rows:
+        print("no InferenceServices")
     return 0
 
 

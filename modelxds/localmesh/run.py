@@ -1,25 +1,24 @@
 """`make run`: the local stack on its default ports, until Ctrl-C.
 
-etcd, three sample ModelMesh pods (127.0.0.11-13:8033), `modelxds serve` with the
-seed's DestinationRule/VirtualService, and an Envoy gateway on :8008, with the
-seed's InferenceService placed on one pod.
+etcd, three ModelMesh-compatible mesh nodes with MLServer runtimes (127.0.0.11-13:8033),
+`modelxds serve` with the seed's DestinationRule/VirtualService, and an Envoy gateway
+on :8008; then the seed's InferenceService is applied and loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import shutil
 import signal
 import sys
 from pathlib import Path
 
-from modelxds.localmesh.stack import SEED_GATEWAY_PORT, SEED_POD_PORT, Stack, pod_instance_id
-from modelxds.modelmesh.records import VModelRecord
-from modelxds.modelmesh.registrar import put_vmodel
+from modelxds.localmesh import isvc
+from modelxds.localmesh.stack import SEED_GATEWAY_PORT, SEED_POD_PORT, Stack, wait_until
 
 SEED_ISVC = "example-mnist-isvc"
-SEED_MODEL = "example-mnist-isvc__isvc-6b2eb0b8bf"
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 SEED_INPUT = [
     0,
     0,
@@ -91,6 +90,13 @@ SEED_INPUT = [
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m modelxds.localmesh.run", description=__doc__)
     p.add_argument("--workdir", default=".run", help="logs and etcd data (default: .run)")
+    p.add_argument("--models", default=".run/models", help="sample models (make models)")
+    p.add_argument(
+        "--isvc",
+        action="append",
+        default=[],
+        help="InferenceService YAML to apply (default: the two examples)",
+    )
     p.add_argument("--pods", type=int, default=3)
     p.add_argument("--gateway-port", type=int, default=SEED_GATEWAY_PORT)
     p.add_argument("--pod-port", type=int, default=SEED_POD_PORT)
@@ -107,33 +113,46 @@ def _banner(stack: Stack) -> str:
         '{"inputs":[{"name":"predict","shape":[1,64],"datatype":"FP32",'
         f'"contents":{{"fp32_contents":{SEED_INPUT}}}}}]}}'
     ).replace(" ", "")
-    pods = ", ".join(f"{b.instance_id}@{b.address}" for b in stack.backends)
+    pods = ", ".join(f"{iid}@{pod}" for iid, pod in stack.pod_addresses().items())
     return f"""
 modelxds local stack is up (logs in {stack.workdir}/)
   etcd       {stack.etcd_url}
   pods       {pods}
+  pod stats  http://127.0.0.11:2112/metrics (local / forwarded requests, loads, evictions)
   modelxds   xDS 127.0.0.1:{stack.xds_port}, metrics http://127.0.0.1:{stack.metrics_port}/metrics
   gateway    {gw} (REST and gRPC), admin http://{stack.admin}
-  placement  {SEED_ISVC} -> {SEED_MODEL} loaded on {pod_instance_id(1)}
 
-Try (the answer names the pod that served it; always {pod_instance_id(1)} here):
+Try (the seed's request; the answer is 8):
   curl -s http://{gw}/v2/models/{SEED_ISVC}/infer -H 'content-type: application/json' \\
     -d '{payload}'
+  .venv/bin/modelxds mesh status --etcd {stack.etcd_url}
   .venv/bin/modelxds placement --etcd {stack.etcd_url}
+  .venv/bin/modelxds status --xds 127.0.0.1:{stack.xds_port}
   curl -s 'http://{stack.admin}/config_dump?include_eds' | less
 
 Ctrl-C stops everything.
 """
 
 
+async def _all_ready(stack: Stack) -> bool:
+    rows = await stack.isvc_status()
+    return bool(rows) and all(r["state"] == "UpToDate" for r in rows)
+
+
 async def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     workdir = Path(args.workdir).resolve()
+    models = Path(args.models).resolve()
+    if not (models / "sklearn" / "mnist-svm.joblib").exists():
+        print(f"error: no sample models in {models}: run `make models`", file=sys.stderr)
+        return 1
+    try:
+        services = isvc.read_files(args.isvc or [str(EXAMPLES)])
+    except isvc.InferenceServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # etcd data from an earlier run would bring back pods that no longer exist
-    with contextlib.suppress(FileNotFoundError):
-        for f in (workdir / "etcd-data").rglob("*"):
-            if f.is_file():
-                f.unlink()
+    shutil.rmtree(workdir / "etcd-data", ignore_errors=True)
     stack = Stack(
         workdir,
         pods=args.pods,
@@ -144,28 +163,32 @@ async def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         etcd_port=args.etcd_port,
         listen_address="0.0.0.0",
+        runtime="mlserver",
+        storage_dir=models,
+        node_ports=(8080, 8081, 2112),
     )
-    stop = asyncio.Event()
+
+    async def up() -> None:
+        await stack.start()
+        for service in services:
+            print(await isvc.apply(stack.etcd, stack.layout, service), flush=True)
+        await wait_until(lambda: _all_ready(stack), 180, "the InferenceServices to load")
+        print(_banner(stack), flush=True)
+
+    # Ctrl-C works at every moment, start-up included
+    main_task = asyncio.current_task()
+    assert main_task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, main_task.cancel)
     try:
-        await stack.start()
-    except Exception as e:
-        print(f"error: the local stack did not start: {e}", file=sys.stderr)
-        return 1
-    try:
-        _, reg = stack.pod(pod_instance_id(1))
-        await reg.add_copy(SEED_MODEL, started_ms=1)
-        await put_vmodel(
-            stack.etcd,
-            stack.layout,
-            SEED_ISVC,
-            VModelRecord(owner="isvc", active_model=SEED_MODEL, target_model=SEED_MODEL),
-        )
-        print(_banner(stack), flush=True)
-        await stop.wait()
+        await up()
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
         print("stopping...", flush=True)
+    except Exception as e:
+        print(f"error: the local stack did not come up: {e}", file=sys.stderr)
+        return 1
     finally:
         await stack.stop()
     return 0

@@ -14,13 +14,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aetcd
 
-from modelxds.localmesh import processes
+from modelxds.localmesh import isvc, processes
 from modelxds.localmesh.sample import SampleBackend
 from modelxds.modelmesh import Layout
 from modelxds.modelmesh.registrar import PodRegistration, etcd_client
+from modelxds.placement.watch import PlacementWatcher
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.bootstrap import bootstrap
 
@@ -57,6 +59,16 @@ class Stack:
     listen_address: str = "127.0.0.1"
     policy_text: str | None = None
     serve_args: tuple[str, ...] = ()
+    # "sample": in-process stand-in pods that answer with their name (control-plane tests);
+    # "mlserver": mesh nodes, one process each, with a real MLServer runtime
+    runtime: str = "sample"
+    storage_dir: Path | None = None  # the "localMinIO" storage of the mesh nodes
+    node_capacity: int = 8
+    # (runtime HTTP, runtime gRPC, node metrics) ports on each pod address; None: any free
+    node_ports: tuple[int, int, int] | None = None
+    lease_ttl: int = 10
+    nodes: dict[str, processes.Process] = field(default_factory=dict)
+    node_metrics_ports: dict[str, int] = field(default_factory=dict)
     layout: Layout = field(default_factory=Layout)
     backends: list[SampleBackend] = field(default_factory=list)
     registrations: list[PodRegistration] = field(default_factory=list)
@@ -92,8 +104,14 @@ class Stack:
             self.processes.append(processes.start_etcd(self.workdir, self.etcd_port))
             self.client = etcd_client(self.etcd_url)
             await self.client.connect()
-            for i in range(self.pods):
-                await self.add_pod(i)
+            if self.runtime == "mlserver":
+                for i in range(self.pods):
+                    self.spawn_node(i)
+                for iid in list(self.nodes):
+                    await self.wait_node(iid)
+            else:
+                for i in range(self.pods):
+                    await self.add_pod(i)
             await self._start_serve()
             self.processes.append(
                 processes.start_envoy(
@@ -115,6 +133,89 @@ class Stack:
         self.backends.append(backend)
         self.registrations.append(reg)
         return reg
+
+    def spawn_node(self, index: int) -> str:
+        """Start mesh node ``index`` (its MLServer comes up with it); see wait_node."""
+        host, iid = pod_host(index), pod_instance_id(index)
+        if self.storage_dir is None:
+            raise ValueError("a mesh node needs storage_dir (the sample models)")
+        http_port, grpc_port, metrics_port = self.node_ports or (
+            processes.free_port(host),
+            processes.free_port(host),
+            processes.free_port(host),
+        )
+        args = [
+            sys.executable,
+            "-m",
+            "modelxds.localmesh.node",
+            "--host",
+            host,
+            "--port",
+            str(self.pod_port),
+            "--instance-id",
+            iid,
+            "--etcd",
+            self.etcd_url,
+            "--root-prefix",
+            self.layout.root_prefix,
+            "--service-name",
+            self.layout.service_name,
+            "--storage",
+            f"localMinIO={self.storage_dir}",
+            "--capacity",
+            str(self.node_capacity),
+            "--lease-ttl",
+            str(self.lease_ttl),
+            "--runtime-http-port",
+            str(http_port),
+            "--runtime-grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--workdir",
+            str(self.workdir / iid),
+        ]
+        if index == 0:
+            args.append("--leader")  # drives InferenceService transitions, as ModelMesh's leader
+        proc = processes.spawn(iid, args, self.workdir)
+        self.nodes[iid] = proc
+        self.node_metrics_ports[iid] = metrics_port
+        self.processes.append(proc)
+        return iid
+
+    async def wait_node(self, instance_id: str, timeout: float = 120) -> None:
+        index = int(instance_id.rsplit("pod", 1)[1])
+        await asyncio.to_thread(
+            processes.wait_for_port,
+            self.nodes[instance_id],
+            pod_host(index),
+            self.pod_port,
+            timeout,
+        )
+
+    def node_counters(self, instance_id: str) -> dict[str, float]:
+        """The node's Prometheus counters, by metric name (labels dropped)."""
+        index = int(instance_id.rsplit("pod", 1)[1])
+        text = processes.admin_get(
+            f"{pod_host(index)}:{self.node_metrics_ports[instance_id]}", "/metrics"
+        )
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name.split("{", 1)[0]] = float(value)
+        return out
+
+    def pod_addresses(self) -> dict[str, str]:
+        """instance id -> host:port of every pod, sample or mesh node."""
+        ids = list(self.nodes) or [b.instance_id for b in self.backends]
+        return {iid: f"{pod_host(int(iid.rsplit('pod', 1)[1]))}:{self.pod_port}" for iid in ids}
+
+    async def isvc_status(self) -> list[dict[str, Any]]:
+        """`modelxds mesh status` rows, read from etcd now."""
+        watcher = PlacementWatcher(self.etcd_url, [("mesh", self.layout)])
+        await watcher.list_once()
+        return isvc.status_rows(watcher.tables[0].vmodels, watcher.snapshot().meshes["mesh"])
 
     def pod(self, instance_id: str) -> tuple[SampleBackend, PodRegistration]:
         for b, r in zip(self.backends, self.registrations, strict=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -65,6 +65,38 @@ async def update_model(
         ok, _ = await client.transaction(compare=[compare], success=[op], failure=[])
         if ok:
             return updated
+
+
+class ModelNotFound(LookupError):
+    """No registry record for the model."""
+
+
+async def claim_copy(
+    client: aetcd.Client, layout: Layout, model_id: str, target: str, live: Collection[str]
+) -> str:
+    """Where ``model_id`` is (or now will be) loaded: a live copy if any, else ``target``.
+
+    The claim is a compare-and-swap on the registry record, so when many requests miss
+    at once on different pods, exactly one of them places the load; the others learn
+    where it went and send their requests there.
+    """
+    key = layout.key(Table.REGISTRY, model_id).encode()
+    while True:
+        got = await client.get(key)
+        if got is None:
+            raise ModelNotFound(model_id)
+        rec = parse_model(got.value)
+        existing = sorted(i for i in rec.instance_ids if i in live and i not in rec.failed_in)
+        if existing:
+            return existing[0]
+        claimed = with_copy(target, now_ms())(rec)
+        ok, _ = await client.transaction(
+            compare=[client.transactions.mod(key) == got.mod_revision],
+            success=[client.transactions.put(key, encode(claimed))],
+            failure=[],
+        )
+        if ok:
+            return target
 
 
 def with_copy(instance_id: str, started_ms: int) -> Callable[[ModelRecord | None], ModelRecord]:

@@ -29,6 +29,7 @@ class Instance:
     model_count: int = 0
     loads_in_progress: int = 0
     rpm: int = 0
+    lru_time: int = 0  # last use of the least recently used model: the eviction candidate
 
 
 class Copies(NamedTuple):
@@ -134,6 +135,7 @@ def live_instances(
             model_count=rec.count,
             loads_in_progress=rec.loads_in_progress,
             rpm=rec.rpm,
+            lru_time=rec.lru_time,
         )
     return live
 

@@ -1,0 +1,171 @@
+"""KServe InferenceServices (ModelMesh deployment mode) -> ModelMesh registry and vmodels.
+
+What the modelmesh-serving controller does for `kubectl apply -f isvc.yaml`: register
+a concrete model ``<name>__isvc-<hash of the predictor spec>`` and point the
+InferenceService's vmodel at it. A changed spec gives a new model id, which becomes the
+vmodel's target while the old one stays active until the new one is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import yaml
+
+from modelxds.modelmesh import Layout, ModelRecord, Table, VModelRecord, encode, parse_vmodel
+from modelxds.modelmesh.registrar import update_model
+from modelxds.placement.model import MeshPlacement
+
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+API_VERSIONS = ("serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1")
+
+
+class InferenceServiceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceService:
+    name: str
+    namespace: str
+    model_format: str
+    storage_key: str
+    storage_path: str
+    spec_hash: str
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}__isvc-{self.spec_hash}"
+
+    def record(self) -> ModelRecord:
+        # encKey carries the storage location as the controller's model key does
+        key = {"storage_key": self.storage_key, "model_type": {"name": self.model_format}}
+        return ModelRecord(
+            type=f"mt:{self.model_format}",
+            model_path=self.storage_path,
+            encryption_key=json.dumps(key, sort_keys=True),
+            auto_delete=True,
+        )
+
+
+def parse_isvcs(text: str, source: str) -> list[InferenceService]:
+    """InferenceService documents in ``text``; other kinds are skipped."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as e:
+        raise InferenceServiceError(f"{source}: invalid YAML: {e}") from None
+    out, errors = [], []
+    for i, doc in enumerate(docs, start=1):
+        if not isinstance(doc, dict) or doc.get("kind") != "InferenceService":
+            continue
+        where = f"{source} document {i}"
+        try:
+            out.append(_isvc(doc, where))
+        except InferenceServiceError as e:
+            errors.append(str(e))
+    if errors:
+        raise InferenceServiceError("\n".join(errors))
+    if not out:
+        raise InferenceServiceError(f"{source}: no InferenceService documents")
+    return out
+
+
+def _isvc(doc: dict[str, Any], where: str) -> InferenceService:
+    def field(path: str) -> Any:
+        node: Any = doc
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise InferenceServiceError(f"{where}: missing {path}")
+            node = node[part]
+        return node
+
+    if doc.get("apiVersion") not in API_VERSIONS:
+        raise InferenceServiceError(
+            f"{where}: apiVersion {doc.get('apiVersion')!r} is not one of {', '.join(API_VERSIONS)}"
+        )
+    name = field("metadata.name")
+    annotations = doc.get("metadata", {}).get("annotations") or {}
+    if annotations.get(DEPLOYMENT_MODE) != "ModelMesh":
+        raise InferenceServiceError(
+            f"{where} ({name}): metadata.annotations.{DEPLOYMENT_MODE} must be ModelMesh"
+        )
+    predictor = field("spec.predictor")
+    model_format = field("spec.predictor.model.modelFormat.name")
+    storage = doc["spec"]["predictor"]["model"].get("storage") or {}
+    if not storage.get("key") or not storage.get("path"):
+        raise InferenceServiceError(
+            f"{where} ({name}): spec.predictor.model.storage needs key and path"
+        )
+    digest = hashlib.sha256(json.dumps(predictor, sort_keys=True).encode()).hexdigest()[:10]
+    return InferenceService(
+        name=str(name),
+        namespace=str(doc["metadata"].get("namespace", "default")),
+        model_format=str(model_format).lower(),
+        storage_key=str(storage["key"]),
+        storage_path=str(storage["path"]),
+        spec_hash=digest,
+    )
+
+
+async def apply(client: aetcd.Client, layout: Layout, isvc: InferenceService) -> str:
+    """Register the model and aim the vmodel at it; returns what happened, for the user."""
+    record = isvc.record()
+    await update_model(client, layout, isvc.model_id, lambda old: old or record)
+    key = layout.key(Table.VMODELS, isvc.name).encode()
+    got = await client.get(key)
+    old = parse_vmodel(got.value) if got is not None else None
+    if old is not None and old.target_model == isvc.model_id and not old.target_failed:
+        return f"inferenceservice/{isvc.name} unchanged"
+    if old is None:
+        new = VModelRecord(owner="isvc", target_model=isvc.model_id)
+        verb = "created"
+    else:
+        # the model serving now keeps serving until the new one is loaded
+        new = VModelRecord(owner="isvc", active_model=old.active_model, target_model=isvc.model_id)
+        verb = "configured"
+    await client.put(key, encode(new))
+    return f"inferenceservice/{isvc.name} {verb} (model {isvc.model_id})"
+
+
+def status_rows(raw_vmodels: dict[str, VModelRecord], mesh: MeshPlacement) -> list[dict[str, Any]]:
+    """`kubectl describe isvc`-like state of every InferenceService."""
+    rows = []
+    for name, rec in sorted(raw_vmodels.items()):
+        if rec.active_model and rec.active_model == rec.target_model:
+            state = "UpToDate"
+        elif rec.target_failed:
+            state = "BlockedByFailedLoad"
+        else:
+            state = "InProgress"
+        active = mesh.models.get(rec.active_model)
+        target = mesh.models.get(rec.target_model)
+        rows.append(
+            {
+                "name": name,
+                "active_model": rec.active_model or None,
+                "target_model": rec.target_model or None,
+                "state": state,
+                "ready": bool(active and active.routable),
+                "active_copies": list(active.loaded + active.loading) if active else [],
+                "target_copies": list((target.loaded + target.loading) if target else ()),
+            }
+        )
+    return rows
+
+
+def read_files(paths: list[str]) -> list[InferenceService]:
+    out = []
+    for p in paths:
+        path = Path(p)
+        files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+        for f in files:
+            try:
+                out.extend(parse_isvcs(f.read_text(), str(f)))
+            except OSError as e:
+                raise InferenceServiceError(f"{f}: {e.strerror}") from None
+    return out

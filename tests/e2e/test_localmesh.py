@@ -1,0 +1,318 @@
+"""The local ModelMesh-compatible mesh on real MLServer runtimes, behind the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from modelxds.kserve import grpc_predict_v2_pb2 as pb
+from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.localmesh import isvc
+from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
+from modelxds.localmesh.train import SEED_INPUT
+from modelxds.modelmesh import ModelRecord, Table, parse_model, parse_vmodel
+from modelxds.modelmesh.registrar import update_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / ".run" / "models"
+TRITON = Path(__file__).with_name("triton_infer.py")
+SEED_ISVC = "example-mnist-isvc"
+
+
+def _isvc_yaml(name: str, path: str, model_format: str = "sklearn") -> str:
+    return f"""
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {name}
+  namespace: modelmesh-serving
+  annotations:
+    serving.kserve.io/deploymentMode: ModelMesh
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: {model_format}
+      storage:
+        key: localMinIO
+        path: {path}
+"""
+
+
+async def _apply(stack: Stack, name: str, path: str) -> str:
+    (service,) = isvc.parse_isvcs(_isvc_yaml(name, path), "test")
+    await isvc.apply(stack.etcd, stack.layout, service)
+    return service.model_id
+
+
+async def _register(stack: Stack, model_id: str, path: str) -> None:
+    """A model in the registry with no copy anywhere: its first request is a miss."""
+    record = ModelRecord(
+        type="mt:sklearn",
+        model_path=path,
+        encryption_key=json.dumps({"storage_key": "localMinIO"}),
+    )
+    await update_model(stack.etcd, stack.layout, model_id, lambda _: record)
+
+
+async def _state(stack: Stack, name: str) -> dict[str, Any]:
+    return next(r for r in await stack.isvc_status() if r["name"] == name)
+
+
+async def _until_state(stack: Stack, name: str, state: str, timeout: float = 60) -> None:
+    async def reached() -> bool:
+        return bool((await _state(stack, name))["state"] == state)
+
+    await wait_until(reached, timeout, f"{name} to be {state}", interval=0.2)
+
+
+async def _rest_seed(stack: Stack, name: str) -> int:
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "predict",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "contents": {"fp32_contents": SEED_INPUT},
+                }
+            ]
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"http://{stack.gateway}/v2/models/{name}/infer",
+        data=body,
+        headers={"content-type": "application/json"},
+    )
+
+    def send() -> dict[str, Any]:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+            return doc
+
+    doc = await asyncio.to_thread(send)
+    return int(doc["outputs"][0]["contents"]["int64_contents"][0])
+
+
+async def _triton(address: str, name: str, headers: dict[str, str] | None = None) -> Any:
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(TRITON), address, name]
+        + [f"{k}={v}" for k, v in (headers or {}).items()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["predict"]
+
+
+async def _direct(
+    address: str, name: str, headers: dict[str, str] | None = None
+) -> pb.ModelInferResponse:
+    request = pb.ModelInferRequest(
+        model_name=name,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="predict",
+                datatype="FP32",
+                shape=[1, 64],
+                contents=pb.InferTensorContents(fp32_contents=SEED_INPUT),
+            )
+        ],
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        response: pb.ModelInferResponse = await pb_grpc.GRPCInferenceServiceStub(
+            channel
+        ).ModelInfer(request, metadata=tuple((headers or {}).items()), timeout=120)
+        return response
+
+
+def _counters(stack: Stack, name: str) -> dict[str, float]:
+    return {iid: stack.node_counters(iid).get(name, 0.0) for iid in stack.nodes}
+
+
+def _needs_models() -> None:
+    if not (MODELS / "sklearn" / "mnist-svm.joblib").exists():
+        pytest.fail(f"sample models missing in {MODELS}: run `make models`")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    _needs_models()
+    stack = Stack(tmp_path_factory.mktemp("mesh"), runtime="mlserver", storage_dir=MODELS)
+    await stack.start()
+    try:
+        await _apply(stack, SEED_ISVC, "sklearn/mnist-svm.joblib")
+        await _until_state(stack, SEED_ISVC, "UpToDate")
+        yield stack
+    finally:
+        await stack.stop()
+
+
+async def test_seed_request_returns_8_over_rest_and_grpc(mesh: Stack) -> None:
+    assert await _rest_seed(mesh, SEED_ISVC) == 8
+    # tritonclient, a real KServe V2 client: routed by the `model` header, and with no
+    # header at all (the gateway falls back to any pod, which forwards inside the mesh)
+    assert await _triton(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
+    assert await _triton(mesh.gateway, SEED_ISVC) == [[8]]
+
+
+async def test_forwarded_once_when_sent_to_a_pod_directly_never_through_the_gateway(
+    mesh: Stack,
+) -> None:
+    (holder,) = (await _state(mesh, SEED_ISVC))["active_copies"]
+    other = next(i for i in mesh.nodes if i != holder)
+    forwarded = _counters(mesh, "modelmesh_forwarded_requests_total")
+    local = _counters(mesh, "modelmesh_local_requests_total")
+
+    response = await _direct(mesh.pod_addresses()[other], SEED_ISVC)
+    assert response.outputs[0].contents.int64_contents == [8]
+    after = _counters(mesh, "modelmesh_forwarded_requests_total")
+    assert after[other] == forwarded[other] + 1  # exactly one internal hop
+    assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local[holder] + 1
+
+    for _ in range(20):
+        assert await _rest_seed(mesh, SEED_ISVC) == 8
+    assert _counters(mesh, "modelmesh_forwarded_requests_total") == after  # zero hops
+    assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local[holder] + 21
+
+
+async def test_a_miss_loads_exactly_once_under_20_concurrent_requests(mesh: Stack) -> None:
+    await _register(mesh, "generated-0007", "generated/model-0007.joblib")
+    loads = sum(_counters(mesh, "modelmesh_loads_total").values())
+
+    answers = await asyncio.gather(
+        *(_direct(mesh.gateway, "generated-0007", {"model": "generated-0007"}) for _ in range(20))
+    )
+
+    assert all(len(a.outputs[0].contents.int64_contents) == 1 for a in answers)
+    assert sum(_counters(mesh, "modelmesh_loads_total").values()) == loads + 1
+    got = await mesh.etcd.get(mesh.layout.key(Table.REGISTRY, "generated-0007").encode())
+    assert got is not None and len(parse_model(got.value).instance_ids) == 1
+
+
+async def test_model_change_goes_in_progress_then_up_to_date_and_keeps_serving(
+    mesh: Stack,
+) -> None:
+    old = (await _state(mesh, SEED_ISVC))["active_model"]
+    new = await _apply(mesh, SEED_ISVC, "sklearn/mnist-svm-v2.joblib")
+    # straight after the change the old model still serves and the new one is the target
+    state = await _state(mesh, SEED_ISVC)
+    assert (state["state"], state["active_model"], state["target_model"]) == (
+        "InProgress",
+        old,
+        new,
+    )
+    answers = []
+    deadline = time.monotonic() + 60
+    while (await _state(mesh, SEED_ISVC))["state"] != "UpToDate":
+        assert time.monotonic() < deadline, "the new model never became active"
+        answers.append(await _rest_seed(mesh, SEED_ISVC))
+    answers.append(await _rest_seed(mesh, SEED_ISVC))
+    assert set(answers) == {8}
+    assert (await _state(mesh, SEED_ISVC))["active_model"] == new
+
+    # a change to a model that cannot load is blocked, and the service keeps answering
+    broken = await _apply(mesh, SEED_ISVC, "sklearn/does-not-exist.joblib")
+    await _until_state(mesh, SEED_ISVC, "BlockedByFailedLoad")
+    state = await _state(mesh, SEED_ISVC)
+    assert (state["active_model"], state["target_model"]) == (new, broken)
+    assert await _rest_seed(mesh, SEED_ISVC) == 8
+    assert await _triton(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
+
+
+async def test_lru_eviction_unloads_the_least_recently_used_and_updates_etcd(
+    tmp_path: Path,
+) -> None:
+    _needs_models()
+    stack = Stack(tmp_path / "lru", pods=1, node_capacity=2, runtime="mlserver", storage_dir=MODELS)
+    await stack.start()
+    try:
+        node = pod_instance_id(0)
+        for i in (1, 2, 3):
+            await _register(stack, f"m{i}", f"generated/model-000{i}.joblib")
+        for model in ("m1", "m2", "m1", "m3"):  # m1 used again: m2 is least recently used
+            await _direct(stack.gateway, model, {"model": model})
+
+        async def listed() -> dict[str, list[str]]:
+            out = {}
+            for m in ("m1", "m2", "m3"):
+                got = await stack.etcd.get(stack.layout.key(Table.REGISTRY, m).encode())
+                assert got is not None
+                out[m] = sorted(parse_model(got.value).instance_ids)
+            return out
+
+        assert await listed() == {"m1": [node], "m2": [], "m3": [node]}
+        assert stack.node_counters(node)["modelmesh_evictions_total"] == 1
+        assert stack.node_counters(node)["modelmesh_loaded_models"] == 2
+    finally:
+        await stack.stop()
+
+
+async def test_a_killed_pod_leaves_through_its_lease_and_its_models_load_elsewhere(
+    tmp_path: Path,
+) -> None:
+    _needs_models()
+    stack = Stack(tmp_path / "kill", runtime="mlserver", storage_dir=MODELS, lease_ttl=2)
+    await stack.start()
+    try:
+        await _apply(stack, SEED_ISVC, "sklearn/mnist-svm.joblib")
+        await _until_state(stack, SEED_ISVC, "UpToDate")
+        (victim,) = (await _state(stack, SEED_ISVC))["active_copies"]
+        stack.nodes[victim].kill()  # SIGKILL: no unregistering, the lease just runs out
+
+        async def gone() -> bool:
+            status = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "modelxds.cli",
+                    "placement",
+                    "--etcd",
+                    stack.etcd_url,
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            instances = json.loads(status.stdout)["namespaces"]["modelmesh-serving"]["instances"]
+            return victim not in instances
+
+        await wait_until(gone, 30, f"{victim}'s lease to expire", interval=0.5)
+        loads = {i: c for i, c in _counters_alive(stack, victim).items()}
+        assert await _rest_seed(stack, SEED_ISVC) == 8
+        after = _counters_alive(stack, victim)
+        assert sum(after.values()) == sum(loads.values()) + 1  # reloaded on a live pod
+        got = await stack.etcd.get(stack.layout.key(Table.VMODELS, SEED_ISVC).encode())
+        assert got is not None
+        active = parse_vmodel(got.value).active_model
+        copies = await stack.etcd.get(stack.layout.key(Table.REGISTRY, active).encode())
+        assert copies is not None
+        live_copies = set(parse_model(copies.value).instance_ids) - {victim}
+        assert live_copies and live_copies <= set(stack.nodes) - {victim}
+    finally:
+        await stack.stop()
+
+
+def _counters_alive(stack: Stack, dead: str) -> dict[str, float]:
+    return {
+        iid: stack.node_counters(iid).get("modelmesh_loads_total", 0.0)
+        for iid in stack.nodes
+        if iid != dead
+    }
