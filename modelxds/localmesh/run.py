@@ -12,79 +12,15 @@ import asyncio
 import shutil
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from modelxds.localmesh import isvc
 from modelxds.localmesh.stack import SEED_GATEWAY_PORT, SEED_POD_PORT, Stack, wait_until
+from modelxds.localmesh.train import SEED_INPUT
 
 SEED_ISVC = "example-mnist-isvc"
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
-SEED_INPUT = [
-    0,
-    0,
-    1,
-    11,
-    14,
-    15,
-    3,
-    0,
-    0,
-    1,
-    13,
-    16,
-    12,
-    16,
-    8,
-    0,
-    0,
-    8,
-    16,
-    4,
-    6,
-    16,
-    5,
-    0,
-    0,
-    5,
-    15,
-    11,
-    13,
-    14,
-    0,
-    0,
-    0,
-    0,
-    2,
-    12,
-    16,
-    13,
-    0,
-    0,
-    0,
-    0,
-    0,
-    13,
-    16,
-    16,
-    6,
-    0,
-    0,
-    0,
-    0,
-    16,
-    16,
-    16,
-    7,
-    0,
-    0,
-    0,
-    0,
-    11,
-    13,
-    12,
-    1,
-    0,
-]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -139,7 +75,10 @@ async def _all_ready(stack: Stack) -> bool:
     return bool(rows) and all(r["state"] == "UpToDate" for r in rows)
 
 
-async def main(argv: list[str] | None = None) -> int:
+async def main(
+    argv: list[str] | None = None, script: Callable[[Stack], Awaitable[None]] | None = None
+) -> int:
+    """Bring the stack up, then run ``script`` (the demo) or wait for Ctrl-C."""
     args = _parse(argv)
     workdir = Path(args.workdir).resolve()
     models = Path(args.models).resolve()
@@ -173,7 +112,8 @@ async def main(argv: list[str] | None = None) -> int:
         for service in services:
             print(await isvc.apply(stack.etcd, stack.layout, service), flush=True)
         await wait_until(lambda: _all_ready(stack), 180, "the InferenceServices to load")
-        print(_banner(stack), flush=True)
+        if script is None:
+            print(_banner(stack), flush=True)
 
     # Ctrl-C works at every moment, start-up included
     main_task = asyncio.current_task()
@@ -183,7 +123,7 @@ async def main(argv: list[str] | None = None) -> int:
         loop.add_signal_handler(sig, main_task.cancel)
     try:
         await up()
-        await asyncio.Event().wait()
+        await (script(stack) if script is not None else asyncio.Event().wait())
     except asyncio.CancelledError:
         print("stopping...", flush=True)
     except Exception as e:

@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / ".run" / "models"
-TRITON = Path(__file__).with_name("triton_infer.py")
 SEED_ISVC = "example-mnist-isvc"
 
 
@@ -110,7 +109,7 @@ async def _rest_seed(stack: Stack, name: str) -> int:
 async def _triton(address: str, name: str, headers: dict[str, str] | None = None) -> Any:
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(TRITON), address, name]
+        [sys.executable, "-m", "modelxds.localmesh.triton_infer", address, name]
         + [f"{k}={v}" for k, v in (headers or {}).items()],
         capture_output=True,
         text=True,

@@ -3,7 +3,7 @@
 A separate process: tritonclient's generated protos use the `inference` proto package,
 as ours do, and two files defining the same symbols cannot share one descriptor pool.
 
-    python tests/e2e/triton_infer.py HOST:PORT MODEL [HEADER=VALUE ...]
+    python -m modelxds.localmesh.triton_infer HOST:PORT MODEL [HEADER=VALUE ...]
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-SEED_INPUT = [0, 0, 1, 11, 14, 15, 3, 0, 0, 1, 13, 16, 12, 16, 8, 0, 0, 8, 16, 4, 6, 16, 5, 0,
-              0, 5, 15, 11, 13, 14, 0, 0, 0, 0, 2, 12, 16, 13, 0, 0, 0, 0, 0, 13, 16, 16, 6, 0,
-              0, 0, 0, 16, 16, 16, 7, 0, 0, 0, 0, 11, 13, 12, 1, 0]  # fmt: skip
+from modelxds.localmesh.train import SEED_INPUT
 
 
 def main() -> None:
