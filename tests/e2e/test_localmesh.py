@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
-from modelxds.localmesh import isvc
+from modelxds.localmesh import isvc, processes
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord, Table, parse_model, parse_vmodel
@@ -170,6 +170,16 @@ async def test_seed_request_returns_8_over_rest_and_grpc(mesh: Stack) -> None:
     assert await _triton(mesh.gateway, SEED_ISVC) == [[8]]
 
 
+async def test_a_second_framework_serves_side_by_side(mesh: Stack) -> None:
+    (service,) = isvc.read_files([str(ROOT / "manifests/examples/example-digits-lgb-isvc.yaml")])
+    await isvc.apply(mesh.etcd, mesh.layout, service)
+    await _until_state(mesh, service.name, "UpToDate")
+    (probabilities,) = await _triton(mesh.gateway, service.name, {"model": service.name})
+    assert len(probabilities) == 10  # LightGBM's class probabilities for the digit
+    assert max(range(10), key=lambda d: probabilities[d]) == 8
+    assert await _rest_seed(mesh, SEED_ISVC) == 8  # and the sklearn model alongside
+
+
 async def test_forwarded_once_when_sent_to_a_pod_directly_never_through_the_gateway(
     mesh: Stack,
 ) -> None:
@@ -272,6 +282,7 @@ async def test_a_killed_pod_leaves_through_its_lease_and_its_models_load_elsewhe
         await _apply(stack, SEED_ISVC, "sklearn/mnist-svm.joblib")
         await _until_state(stack, SEED_ISVC, "UpToDate")
         (victim,) = (await _state(stack, SEED_ISVC))["active_copies"]
+        assert victim in await _gateway_endpoints(stack)
         stack.nodes[victim].kill()  # SIGKILL: no unregistering, the lease just runs out
 
         async def gone() -> bool:
@@ -294,6 +305,11 @@ async def test_a_killed_pod_leaves_through_its_lease_and_its_models_load_elsewhe
             return victim not in instances
 
         await wait_until(gone, 30, f"{victim}'s lease to expire", interval=0.5)
+
+        async def left_the_gateway() -> bool:
+            return victim not in await _gateway_endpoints(stack)
+
+        await wait_until(left_the_gateway, 10, f"{victim} to leave the gateway's endpoints")
         loads = {i: c for i, c in _counters_alive(stack, victim).items()}
         assert await _rest_seed(stack, SEED_ISVC) == 8
         after = _counters_alive(stack, victim)
@@ -307,6 +323,20 @@ async def test_a_killed_pod_leaves_through_its_lease_and_its_models_load_elsewhe
         assert live_copies and live_copies <= set(stack.nodes) - {victim}
     finally:
         await stack.stop()
+
+
+async def _gateway_endpoints(stack: Stack) -> set[str]:
+    """Pods (instance ids) in the gateway's EDS, from Envoy's admin config_dump."""
+    dump = json.loads(
+        await asyncio.to_thread(processes.admin_get, stack.admin, "/config_dump?include_eds")
+    )
+    return {
+        lb["endpoint"]["hostname"]
+        for section in dump["configs"]
+        for cfg in section.get("dynamic_endpoint_configs", [])
+        for group in cfg["endpoint_config"].get("endpoints", [])
+        for lb in group.get("lb_endpoints", [])
+    }
 
 
 def _counters_alive(stack: Stack, dead: str) -> dict[str, float]:
