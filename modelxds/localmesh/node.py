@@ -125,6 +125,7 @@ class MeshNode:
         self._peers: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._placed: collections.Counter[str] = collections.Counter()  # loads under way
         self._vmodel_jobs: set[str] = set()  # "vmodel:target" transitions under way
         self._server: grpc.aio.Server | None = None
 
@@ -162,6 +163,10 @@ class MeshNode:
     def _refresh(self) -> None:
         self.watcher.changed.clear()
         self.placement = self.watcher.snapshot().meshes["mesh"]
+        # loads placed but not finished count as used: a burst of misses spreads out
+        self._placed = collections.Counter(
+            iid for c in self.placement.models.values() for iid in c.loading
+        )
 
     async def _follow_placement(self) -> None:
         while True:
@@ -197,10 +202,17 @@ class MeshNode:
         """Where a miss loads: the pod with most free capacity, then the least recently used."""
         best = min(
             self.placement.instances.values(),
-            key=lambda i: (i.model_count - (i.capacity or self.capacity), i.lru_time, i.id),
+            key=lambda i: (
+                i.model_count + self._placed[i.id] - (i.capacity or self.capacity),
+                i.lru_time,
+                i.id,
+            ),
             default=None,
         )
-        return best.id if best is not None else self.instance_id
+        if best is None:
+            return self.instance_id
+        self._placed[best.id] += 1  # until the next refresh shows the claim
+        return best.id
 
     async def infer(
         self, request: pb.ModelInferRequest, metadata: dict[str, str]
