@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
 
 from modelxds.localmesh import isvc, run
+from modelxds.localmesh.client import rest_seed, triton_grpc
 from modelxds.localmesh.stack import Stack
-from modelxds.localmesh.train import SEED_INPUT
 
 ISVC = run.SEED_ISVC
 
@@ -30,49 +27,11 @@ def _say(text: str) -> None:
 
 
 async def _rest(stack: Stack) -> int:
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "predict",
-                    "shape": [1, 64],
-                    "datatype": "FP32",
-                    "contents": {"fp32_contents": SEED_INPUT},
-                }
-            ]
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"http://{stack.gateway}/v2/models/{ISVC}/infer",
-        data=body,
-        headers={"content-type": "application/json"},
-    )
-
-    def send() -> Any:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-
-    doc = await asyncio.to_thread(send)
-    return int(doc["outputs"][0]["contents"]["int64_contents"][0])
+    return await rest_seed(stack.gateway, ISVC)
 
 
 async def _grpc(stack: Stack) -> str:
-    # tritonclient's protos share the `inference` package with ours: own process
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "modelxds.localmesh.triton_infer",
-            stack.gateway,
-            ISVC,
-            f"mm-vmodel-id={ISVC}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return out.stdout.strip() or out.stderr.strip()
+    return str(await triton_grpc(stack.gateway, ISVC, {"mm-vmodel-id": ISVC}))
 
 
 async def _status(stack: Stack) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest_asyncio
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh import isvc, processes
+from modelxds.localmesh.client import rest_seed, triton_grpc
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord, Table, parse_model, parse_vmodel
@@ -78,47 +78,6 @@ async def _until_state(stack: Stack, name: str, state: str, timeout: float = 60)
     await wait_until(reached, timeout, f"{name} to be {state}", interval=0.2)
 
 
-async def _rest_seed(stack: Stack, name: str) -> int:
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "predict",
-                    "shape": [1, 64],
-                    "datatype": "FP32",
-                    "contents": {"fp32_contents": SEED_INPUT},
-                }
-            ]
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"http://{stack.gateway}/v2/models/{name}/infer",
-        data=body,
-        headers={"content-type": "application/json"},
-    )
-
-    def send() -> dict[str, Any]:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            doc: dict[str, Any] = json.loads(r.read())
-            return doc
-
-    doc = await asyncio.to_thread(send)
-    return int(doc["outputs"][0]["contents"]["int64_contents"][0])
-
-
-async def _triton(address: str, name: str, headers: dict[str, str] | None = None) -> Any:
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "modelxds.localmesh.triton_infer", address, name]
-        + [f"{k}={v}" for k, v in (headers or {}).items()],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["predict"]
-
-
 async def _direct(
     address: str, name: str, headers: dict[str, str] | None = None
 ) -> pb.ModelInferResponse:
@@ -163,21 +122,21 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]
 
 
 async def test_seed_request_returns_8_over_rest_and_grpc(mesh: Stack) -> None:
-    assert await _rest_seed(mesh, SEED_ISVC) == 8
+    assert await rest_seed(mesh.gateway, SEED_ISVC) == 8
     # tritonclient, a real KServe V2 client: routed by the `model` header, and with no
     # header at all (the gateway falls back to any pod, which forwards inside the mesh)
-    assert await _triton(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
-    assert await _triton(mesh.gateway, SEED_ISVC) == [[8]]
+    assert await triton_grpc(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
+    assert await triton_grpc(mesh.gateway, SEED_ISVC) == [[8]]
 
 
 async def test_a_second_framework_serves_side_by_side(mesh: Stack) -> None:
     (service,) = isvc.read_files([str(ROOT / "manifests/examples/example-digits-lgb-isvc.yaml")])
     await isvc.apply(mesh.etcd, mesh.layout, service)
     await _until_state(mesh, service.name, "UpToDate")
-    (probabilities,) = await _triton(mesh.gateway, service.name, {"model": service.name})
+    (probabilities,) = await triton_grpc(mesh.gateway, service.name, {"model": service.name})
     assert len(probabilities) == 10  # LightGBM's class probabilities for the digit
     assert max(range(10), key=lambda d: probabilities[d]) == 8
-    assert await _rest_seed(mesh, SEED_ISVC) == 8  # and the sklearn model alongside
+    assert await rest_seed(mesh.gateway, SEED_ISVC) == 8  # and the sklearn model alongside
 
 
 async def test_forwarded_once_when_sent_to_a_pod_directly_never_through_the_gateway(
@@ -195,7 +154,7 @@ async def test_forwarded_once_when_sent_to_a_pod_directly_never_through_the_gate
     assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local[holder] + 1
 
     for _ in range(20):
-        assert await _rest_seed(mesh, SEED_ISVC) == 8
+        assert await rest_seed(mesh.gateway, SEED_ISVC) == 8
     assert _counters(mesh, "modelmesh_forwarded_requests_total") == after  # zero hops
     assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local[holder] + 21
 
@@ -230,8 +189,8 @@ async def test_model_change_goes_in_progress_then_up_to_date_and_keeps_serving(
     deadline = time.monotonic() + 60
     while (await _state(mesh, SEED_ISVC))["state"] != "UpToDate":
         assert time.monotonic() < deadline, "the new model never became active"
-        answers.append(await _rest_seed(mesh, SEED_ISVC))
-    answers.append(await _rest_seed(mesh, SEED_ISVC))
+        answers.append(await rest_seed(mesh.gateway, SEED_ISVC))
+    answers.append(await rest_seed(mesh.gateway, SEED_ISVC))
     assert set(answers) == {8}
     assert (await _state(mesh, SEED_ISVC))["active_model"] == new
 
@@ -240,8 +199,8 @@ async def test_model_change_goes_in_progress_then_up_to_date_and_keeps_serving(
     await _until_state(mesh, SEED_ISVC, "BlockedByFailedLoad")
     state = await _state(mesh, SEED_ISVC)
     assert (state["active_model"], state["target_model"]) == (new, broken)
-    assert await _rest_seed(mesh, SEED_ISVC) == 8
-    assert await _triton(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
+    assert await rest_seed(mesh.gateway, SEED_ISVC) == 8
+    assert await triton_grpc(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
 
 
 async def test_lru_eviction_unloads_the_least_recently_used_and_updates_etcd(
@@ -311,7 +270,7 @@ async def test_a_killed_pod_leaves_through_its_lease_and_its_models_load_elsewhe
 
         await wait_until(left_the_gateway, 10, f"{victim} to leave the gateway's endpoints")
         loads = {i: c for i, c in _counters_alive(stack, victim).items()}
-        assert await _rest_seed(stack, SEED_ISVC) == 8
+        assert await rest_seed(stack.gateway, SEED_ISVC) == 8
         after = _counters_alive(stack, victim)
         assert sum(after.values()) == sum(loads.values()) + 1  # reloaded on a live pod
         got = await stack.etcd.get(stack.layout.key(Table.VMODELS, SEED_ISVC).encode())

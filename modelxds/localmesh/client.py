@@ -1,0 +1,61 @@
+"""The seed's inference requests, as the demo, tests and benchmarks send them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+from modelxds.localmesh.train import SEED_INPUT
+
+SEED_BODY = json.dumps(
+    {
+        "inputs": [
+            {
+                "name": "predict",
+                "shape": [1, 64],
+                "datatype": "FP32",
+                "contents": {"fp32_contents": SEED_INPUT},
+            }
+        ]
+    }
+).encode()
+
+
+async def rest_seed(address: str, name: str) -> int:
+    """POST the seed's REST payload to ``/v2/models/<name>/infer``; the predicted digit."""
+    req = urllib.request.Request(
+        f"http://{address}/v2/models/{name}/infer",
+        data=SEED_BODY,
+        headers={"content-type": "application/json"},
+    )
+
+    def send() -> dict[str, Any]:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+            return doc
+
+    doc = await asyncio.to_thread(send)  # pods may run in this event loop: block a thread
+    return int(doc["outputs"][0]["contents"]["int64_contents"][0])
+
+
+async def triton_grpc(address: str, name: str, headers: dict[str, str] | None = None) -> Any:
+    """The seed's input over gRPC with tritonclient; its ``predict`` output as a list.
+
+    In a process of its own: tritonclient's protos share the ``inference`` package with
+    ours, and one descriptor pool cannot hold both.
+    """
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "modelxds.localmesh.triton_infer", address, name]
+        + [f"{k}={v}" for k, v in (headers or {}).items()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"tritonclient failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)["predict"]
