@@ -9,7 +9,7 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
-	bench-build clean
+	bench-build compare clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -59,6 +59,9 @@ proto: setup
 
 bench-convergence: setup
 	$(PY) -m modelxds.bench.convergence --out bench-results/convergence.json
+
+compare: setup models
+	$(PY) -m modelxds.bench.compare --out bench-results/compare.json --png docs/compare.png
 
 bench-build: setup
 	$(PY) -m modelxds.bench.build --out bench-results/build.json

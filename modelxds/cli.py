@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "DestinationRule/VirtualService YAML file or directory (default: the built-in "
         "seed policy: subset key modelmesh.asm.alibabacloud.com, header 'model', port 8008)",
     )
+    _add(
+        serve,
+        "--strategy",
+        "gateway config: 'subset' (one cluster, Envoy subset LB on endpoint metadata, as ASM) "
+        "or 'scale' (a cluster per pod, O(1) route matcher per model: for 10,000s of models)",
+        choices=["subset", "scale"],
+        default="subset",
+    )
     _add(serve, "--xds-address", "ADS gRPC listen address HOST:PORT", default=DEFAULT_XDS)
     _add(
         serve,
@@ -153,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     _etcd_flags(mstatus)
     _add(mstatus, "--json", "machine-readable output", action="store_true", default=False)
 
+    bench = sub.add_parser(
+        "bench", help="load generator and benchmarks: `bench load --help`, `bench compare --help`"
+    )
+    bench.add_argument("tool", choices=["load", "compare"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own flags")
+
     show = sub.add_parser("placement", help="print the placement modelxds sees in etcd")
     _etcd_flags(show)
     _add(show, "--json", "machine-readable output", action="store_true", default=False)
@@ -180,6 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command == "mesh":
         return asyncio.run(_mesh(args))
+    if args.command == "bench":
+        if args.tool == "load":
+            from modelxds.bench.load import main as load_main
+
+            return load_main(args.rest)
+        from modelxds.bench.compare import main as compare_main
+
+        return compare_main(args.rest)
     from modelxds.serve import serve
 
     return asyncio.run(serve(args, _layouts(args)))

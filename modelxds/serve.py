@@ -19,11 +19,20 @@ from modelxds.policy import PolicyError, default_policy, load_policy
 from modelxds.xds import csds
 from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
-from modelxds.xds.controller import Controller
+from modelxds.xds.controller import Controller, Translator
 from modelxds.xds.server import AdsServer
-from modelxds.xds.translate import Options
+from modelxds.xds.translate import Options, translate
 
 log = logging.getLogger(__name__)
+
+
+def strategy(name: str) -> Translator:
+    """The translator for ``--strategy``."""
+    if name == "scale":
+        from modelxds.xds.scale import translate_scale
+
+        return translate_scale
+    return translate
 
 
 async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:
@@ -47,6 +56,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         ),
         quiet=args.debounce_quiet_ms / 1000,
         max_delay=args.debounce_max_ms / 1000,
+        translator=strategy(args.strategy),
     )
     server = grpc.aio.server(
         options=[

@@ -17,7 +17,10 @@ from modelxds import metrics
 from modelxds.placement.model import Placement
 from modelxds.policy import Policy
 from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.resources import Resources
 from modelxds.xds.translate import Options, translate
+
+Translator = Callable[[Placement, Policy, Options], Resources]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ class Controller:
         *,
         quiet: float = 0.1,
         max_delay: float = 1.0,
+        translator: Translator = translate,
     ) -> None:
+        self.translator = translator
         self._snapshot = snapshot
         self._changed = changed
         self.policy = policy
@@ -47,7 +52,7 @@ class Controller:
         """Translate the current placement into the cache now."""
         started = time.perf_counter()
         placement = self._snapshot()
-        changed = self.cache.set(translate(placement, self.policy, self.options))
+        changed = self.cache.set(self.translator(placement, self.policy, self.options))
         self.placement = placement
         elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)

@@ -11,7 +11,7 @@ DestinationRule says when none does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -73,11 +73,20 @@ class Options:
     update_merge_window_ms: int = 50
 
 
-def translate(placement: Placement, policy: Policy, options: Options) -> Resources:
-    clusters: dict[str, Message] = {}
-    endpoints: dict[str, Message] = {}
-    listeners: dict[str, Message] = {}
-    routes: dict[str, Message] = {}
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One VirtualService route resolved against the policy and the placement."""
+
+    vs: VirtualService
+    http: HttpRoute
+    rule: DestinationRule
+    fqdn: str
+    port: int  # the pods' port
+    mesh: MeshPlacement
+
+
+def destinations(placement: Placement, policy: Policy, options: Options) -> Iterator[Destination]:
+    """Every routed destination, shared by both strategies so they read the policy alike."""
     for vs in policy.virtual_services:
         for http in vs.routes:
             dr = policy.destination_rule_for(http.destination_host, vs.namespace)
@@ -86,17 +95,25 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
             fqdn = resolve_host(http.destination_host, vs.namespace)
             namespace = fqdn.split(".")[1]
             port = http.destination_port or options.default_port
-            name = cluster_name(fqdn, port)
-            keys = model_keys(http)
-            clusters[name] = build_cluster(name, dr, options)
             mesh = placement.meshes.get(namespace, MeshPlacement(namespace))
-            endpoints[name] = build_endpoints(name, mesh, keys, port)
-            for listen_port in http.ports:
-                route_name = str(listen_port)
-                listeners[listener_name(options, listen_port)] = build_listener(
-                    listen_port, route_name, http, options
-                )
-                routes[route_name] = build_route_config(route_name, vs, name)
+            yield Destination(vs, http, dr, fqdn, port, mesh)
+
+
+def translate(placement: Placement, policy: Policy, options: Options) -> Resources:
+    clusters: dict[str, Message] = {}
+    endpoints: dict[str, Message] = {}
+    listeners: dict[str, Message] = {}
+    routes: dict[str, Message] = {}
+    for d in destinations(placement, policy, options):
+        name = cluster_name(d.fqdn, d.port)
+        clusters[name] = build_cluster(name, d.rule, options)
+        endpoints[name] = build_endpoints(name, d.mesh, model_keys(d.http), d.port)
+        for listen_port in d.http.ports:
+            route_name = str(listen_port)
+            listeners[listener_name(options, listen_port)] = build_listener(
+                listen_port, route_name, d.http, options
+            )
+            routes[route_name] = build_route_config(route_name, d.vs, name)
     return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
 
 
@@ -128,11 +145,6 @@ def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_p
     )
     if dr.default_subset:
         subset.default_subset.update(dict(dr.default_subset))
-    http2 = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
-    )
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
@@ -143,10 +155,18 @@ def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_p
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             update_merge_window=_ms(options.update_merge_window_ms)
         ),
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(http2)
-        },
+        typed_extension_protocol_options=http2_upstream(),
     )
+
+
+def http2_upstream() -> dict[str, any_pb2.Any]:
+    """``typed_extension_protocol_options`` for gRPC (HTTP/2) to the pods."""
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(http2)}
 
 
 def build_endpoints(
@@ -184,8 +204,13 @@ def _list_item(name: str) -> bytes:
 
 
 def build_listener(
-    port: int, route_name: str, http: HttpRoute, options: Options
+    port: int,
+    route_name: str,
+    http: HttpRoute,
+    options: Options,
+    model_filters: Sequence[hcm_pb2.HttpFilter] = (),
 ) -> listener_pb2.Listener:
+    """``model_filters`` run right after the model is in ``envoy.lb`` metadata."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=f"gateway_{port}",
         # one port for gRPC (HTTP/2) and REST (HTTP/1.1), as ModelMesh's own service
@@ -193,6 +218,7 @@ def build_listener(
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name),
         http_filters=[
             _http_filter("envoy.filters.http.header_to_metadata", header_rules(http)),
+            *model_filters,
             _http_filter(
                 "envoy.filters.http.grpc_json_transcoder",
                 transcoder_pb2.GrpcJsonTranscoder(
@@ -257,27 +283,9 @@ def build_route_config(name: str, vs: VirtualService, cluster: str) -> route_pb2
             cluster=cluster,
             # model loads can take minutes; ModelMesh holds the request meanwhile
             timeout=duration_pb2.Duration(seconds=0),
-            retry_policy=route_components_pb2.RetryPolicy(
-                retry_on="connect-failure,refused-stream,reset",
-                num_retries=wrappers_pb2.UInt32Value(value=2),
-                # a retry goes to another pod, so one that just died is left behind
-                retry_host_predicate=[
-                    route_components_pb2.RetryPolicy.RetryHostPredicate(
-                        name="envoy.retry_host_predicates.previous_hosts",
-                        typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
-                    )
-                ],
-                host_selection_retry_max_attempts=3,
-            ),
+            retry_policy=retry_policy(),
         ),
-        # ModelMesh: serve from the local copy; without this the pod may forward
-        # the request again and spend the hop this gateway saved.
-        request_headers_to_add=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="mm-balanced", value="true"),
-                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        ],
+        request_headers_to_add=[balanced_header()],
     )
     return route_pb2.RouteConfiguration(
         name=name,
@@ -288,6 +296,30 @@ def build_route_config(name: str, vs: VirtualService, cluster: str) -> route_pb2
                 routes=[route],
             )
         ],
+    )
+
+
+def retry_policy() -> route_components_pb2.RetryPolicy:
+    return route_components_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset",
+        num_retries=wrappers_pb2.UInt32Value(value=2),
+        # a retry goes to another pod, so one that just died is left behind
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
+    )
+
+
+def balanced_header() -> base_pb2.HeaderValueOption:
+    """ModelMesh: serve from the local copy; without this the pod may forward
+    the request again and spend the hop this gateway saved."""
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key="mm-balanced", value="true"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
 
 

@@ -1,0 +1,283 @@
+"""A fortio-style load generator: fixed QPS, fixed connections, fixed duration.
+
+Each connection keeps its own schedule (``connections / qps`` apart, +-10 % with
+-jitter). Latency is measured from the *scheduled* send time, so a slow response
+that delays the next request shows up in that request's latency too (coordinated
+omission: a closed loop that waits would hide exactly the stalls we look for).
+
+REST is plain HTTP/1.1 with keep-alive; gRPC is one HTTP/2 channel per connection.
+``{model}`` in the URL, headers and payload is a model drawn at random (seeded) from
+``models`` for each request, so one run spreads over many models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from google.protobuf import json_format
+
+from modelxds.bench.stats import duration_histogram, summary_line
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass
+class LoadSpec:
+    url: str  # http://host:port/path for REST; host:port (or grpc://host:port) with grpc
+    qps: float = 8.0  # 0: as fast as each connection can go
+    connections: int = 1
+    duration: float = 5.0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    payload: bytes = b""  # REST body; for gRPC the ModelInferRequest in protobuf JSON
+    grpc: bool = False
+    jitter: bool = False
+    models: list[str] = field(default_factory=list)
+    # per model, where to send it instead of ``url`` (direct-to-holder runs)
+    target: Callable[[str], str] | None = None
+
+
+@dataclass
+class Recorder:
+    latencies: list[float] = field(default_factory=list)
+    codes: Counter[str] = field(default_factory=Counter)
+
+    def add(self, latency: float, code: str) -> None:
+        self.latencies.append(latency)
+        self.codes[code] += 1
+
+
+async def run(spec: LoadSpec, progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run the load; the result has fortio's JSON shape (DurationHistogram, RetCodes, ...)."""
+    rec = Recorder()
+    names = spec.models or [""]
+    start = time.perf_counter()
+    end = start + spec.duration
+    interval = spec.connections / spec.qps if spec.qps > 0 else 0.0
+
+    async def connection(index: int) -> None:
+        rnd = random.Random(index)
+        send: _HttpSender | _GrpcSender = _GrpcSender(spec) if spec.grpc else _HttpSender(spec)
+        try:
+            # The k-th request of connection i is due at (k + i/c) intervals: computed,
+            # not accumulated, so float error never adds or drops a request. Connections
+            # are staggered over one interval, as fortio does.
+            for k in itertools.count():
+                slot = (k + index / spec.connections) * interval
+                if slot >= spec.duration - 1e-9 or (not interval and time.perf_counter() >= end):
+                    break
+                if spec.jitter and k:
+                    slot += interval * rnd.uniform(-0.1, 0.1)
+                due = start + slot
+                if interval and due > time.perf_counter():
+                    await asyncio.sleep(due - time.perf_counter())
+                scheduled = due if interval else time.perf_counter()
+                # random, not round robin: a cycle could line up with a round-robin
+                # balancer and make every request hit (or miss) a holder
+                code = await send(rnd.choice(names))
+                rec.add(time.perf_counter() - scheduled, code)
+        finally:
+            await send.close()
+
+    async def tick() -> None:
+        while progress is not None:
+            progress(min(1.0, (time.perf_counter() - start) / spec.duration))
+            await asyncio.sleep(0.25)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await asyncio.gather(*(connection(i) for i in range(spec.connections)))
+    finally:
+        ticker.cancel()
+    elapsed = time.perf_counter() - start
+    return {
+        "Labels": f"modelxds bench load {spec.url}",
+        "RequestedQPS": spec.qps or "max",
+        "NumThreads": spec.connections,
+        "ActualDuration": int(elapsed * 1e9),
+        "ActualQPS": len(rec.latencies) / elapsed,
+        "DurationHistogram": duration_histogram(rec.latencies),
+        "RetCodes": dict(rec.codes),
+        "Samples": rec.latencies,  # raw, for merging runs; not part of fortio's JSON
+    }
+
+
+def _fill(text: str, model: str) -> str:
+    return text.replace("{model}", model)
+
+
+class _HttpSender:
+    """One keep-alive HTTP/1.1 connection; reconnects after an error."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.conns: dict[tuple[str, int], tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+
+    async def __call__(self, model: str) -> str:
+        url = urlsplit(_fill(self.spec.target(model) if self.spec.target else self.spec.url, model))
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        body = _fill(self.spec.payload.decode(), model).encode()
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        head = [
+            f"{'POST' if body else 'GET'} {path} HTTP/1.1",
+            f"host: {host}:{port}",
+            f"content-length: {len(body)}",
+        ]
+        head += [f"{k}: {_fill(v, model)}" for k, v in self.spec.headers]
+        if body and not any(k.lower() == "content-type" for k, _ in self.spec.headers):
+            head.append("content-type: application/json")
+        request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        try:
+            if (host, port) not in self.conns:
+                self.conns[(host, port)] = await asyncio.open_connection(host, port)
+            reader, writer = self.conns[(host, port)]
+            writer.write(request)
+            return await _read_response(reader)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            self.conns.pop((host, port), None)
+            return f"error:{type(e).__name__}"
+
+    async def close(self) -> None:
+        for _, writer in self.conns.values():
+            writer.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> str:
+    status = (await reader.readline()).decode().split(" ", 2)
+    if len(status) < 2:
+        raise ValueError("bad status line")
+    length, chunked = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+        elif name.lower() == "transfer-encoding" and "chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while size := int((await reader.readline()).strip() or b"0", 16):
+            await reader.readexactly(size + 2)
+        await reader.readline()
+    else:
+        await reader.readexactly(length)
+    return status[1]
+
+
+class _GrpcSender:
+    def __init__(self, spec: LoadSpec) -> None:
+        from modelxds.kserve import grpc_predict_v2_pb2 as pb
+
+        self.spec = spec
+        self.pb = pb
+        self.calls: dict[str, Any] = {}
+        self.channels: list[grpc.aio.Channel] = []
+        self.bodies: dict[str, bytes] = {}
+
+    def _call(self, address: str) -> Any:
+        if address not in self.calls:
+            channel = grpc.aio.insecure_channel(address.removeprefix("grpc://"))
+            self.channels.append(channel)
+            # raw bytes both ways: measure the network path, not protobuf in Python
+            self.calls[address] = channel.unary_unary(MODEL_INFER)
+        return self.calls[address]
+
+    async def __call__(self, model: str) -> str:
+        body = self.bodies.get(model)
+        if body is None:
+            msg = json_format.Parse(
+                _fill(self.spec.payload.decode() or "{}", model), self.pb.ModelInferRequest()
+            )
+            body = self.bodies[model] = msg.SerializeToString()
+        address = self.spec.target(model) if self.spec.target else self.spec.url
+        metadata = tuple((k.lower(), _fill(v, model)) for k, v in self.spec.headers)
+        try:
+            await self._call(address)(body, metadata=metadata, timeout=60)
+            return "OK"
+        except grpc.aio.AioRpcError as e:
+            return str(e.code().name)
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """fortio's flags, single dash as fortio spells them."""
+    p.add_argument("url", help="http://host:port/path, or host:port with -grpc")
+    p.add_argument("-qps", type=float, default=8.0, help="queries per second, 0 = max")
+    p.add_argument("-c", type=int, default=4, dest="connections", help="connections")
+    p.add_argument("-t", default="5s", dest="duration", help="duration, e.g. 60s, 1m")
+    p.add_argument("-H", action="append", default=[], dest="headers", help="'name: value'")
+    p.add_argument(
+        "-payload", default="", help="request body (REST) or ModelInferRequest JSON (gRPC)"
+    )
+    p.add_argument("-payload-file", default="", dest="payload_file")
+    p.add_argument("-grpc", action="store_true", help="KServe V2 gRPC ModelInfer")
+    p.add_argument("-jitter", type=_bool, default=False, help="+-10%% on request spacing")
+    p.add_argument("-json", default="", dest="json_out", help="write the result JSON here")
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
+def parse_duration(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def spec_from_args(args: argparse.Namespace) -> LoadSpec:
+    payload = args.payload.encode()
+    if args.payload_file:
+        with open(args.payload_file, "rb") as f:
+            payload = f.read()
+    headers = []
+    for h in args.headers:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise SystemExit(f"error: -H expects 'name: value', got {h!r}")
+        headers.append((name.strip(), value.strip()))
+    return LoadSpec(
+        url=args.url,
+        qps=args.qps,
+        connections=args.connections,
+        duration=parse_duration(args.duration),
+        headers=headers,
+        payload=payload,
+        grpc=args.grpc,
+        jitter=args.jitter,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="modelxds bench load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    args = p.parse_args(argv)
+    result = asyncio.run(run(spec_from_args(args)))
+    result.pop("Samples")
+    print(summary_line(result))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
