@@ -1,0 +1,283 @@
+"""Scale: both gateway strategies at 1,000 / 20,000 / 100,000 models.
+
+    python -m modelxds.bench.scale --out bench-results/scale.json
+
+Per size and strategy: modelxds's build + serialize time for a push (one model moved),
+the bytes a push sends, the time a real Envoy takes to apply it (from the cache update
+to its ACK of every changed type) and Envoy's RSS, with --concurrency 2 and 8. Then
+modelxds's own RSS and CPU while it serves 100 gateways (lightweight ADS clients that
+ACK like Envoy). Envoy runs against an in-process ADS server fed by the same
+translators `modelxds serve` uses; nothing but loopback is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from modelxds.bench.build import NOW, tables
+from modelxds.bench.common import machine, summary_ms, write_result
+from modelxds.kserve import descriptor_set_bytes
+from modelxds.localmesh import processes
+from modelxds.modelmesh import ModelRecord
+from modelxds.placement.index import Changes, MeshIndex
+from modelxds.placement.model import Placement
+from modelxds.policy import Policy, parse_policy
+from modelxds.policy.seed import SEED_POLICY_YAML
+from modelxds.serve import strategy
+from modelxds.xds.bootstrap import bootstrap
+from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.resources import PUSH_ORDER, Resources
+from modelxds.xds.server import AdsServer
+from modelxds.xds.translate import Options
+
+
+class World:
+    """Record tables, the incremental index and a translator: what `serve` runs, minus etcd."""
+
+    def __init__(self, models: int, pods: int, strategy_name: str, port: int) -> None:
+        self.t = tables(models, pods, 3)
+        self.index = MeshIndex("modelmesh-serving")
+        self.changes = Changes()
+        self.changes.all(self.t["registry"], self.t["vmodels"])
+        self.policy: Policy = parse_policy(SEED_POLICY_YAML.replace("8008", str(port)))
+        self.options = Options(descriptor_set=descriptor_set_bytes(), listen_address="127.0.0.1")
+        self.translate = strategy(strategy_name)
+        self.rnd = random.Random(3)
+        self.now = NOW
+
+    def resources(self) -> Resources:
+        self.now += 1
+        mesh = self.index.refresh(self.changes, now_ms=self.now, **self.t)
+        return self.translate(Placement({"modelmesh-serving": mesh}), self.policy, self.options)
+
+    def move_one(self) -> None:
+        model_id = self.rnd.choice(list(self.t["registry"]))
+        pods = self.rnd.sample(list(self.t["instances"]), 3)
+        self.t["registry"][model_id] = ModelRecord(instance_ids=dict.fromkeys(pods, NOW - 600_000))
+        self.changes.models.add(model_id)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _acked(ads: AdsServer, cache: SnapshotCache, types: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stream in ads.streams.values():
+            if all(
+                stream.types.get(t) is not None
+                and stream.types[t].acked_version == cache.get(t).version
+                for t in types
+            ):
+                return
+            nacked = [t for t in types if stream.types.get(t) and stream.types[t].nacked_version]
+            if nacked:
+                raise RuntimeError(
+                    f"Envoy rejected {nacked}: {stream.types[nacked[0]].nack_message[:300]}"
+                )
+        await asyncio.sleep(0.002)
+    raise TimeoutError("Envoy did not ACK in time")
+
+
+async def envoy_run(
+    models: int, pods: int, strategy_name: str, concurrency: int, pushes: int, workdir: Path
+) -> dict[str, Any]:
+    world = World(models, pods, strategy_name, processes.free_port())
+    cache = SnapshotCache()
+    ads = AdsServer(cache)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+    server.add_generic_rpc_handlers([ads.handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    admin = f"127.0.0.1:{processes.free_port()}"
+    envoy = processes.start_envoy(
+        f"envoy-{strategy_name}-{concurrency}",
+        bootstrap(f"127.0.0.1:{port}", "bench", admin),
+        workdir,
+        concurrency=concurrency,
+    )
+    try:
+        started = time.perf_counter()
+        cache.set(world.resources())
+        await _acked(ads, cache, list(PUSH_ORDER), 600)
+        initial = time.perf_counter() - started
+        apply, build, pushed = [], [], []
+        for _ in range(pushes):
+            world.move_one()
+            t0 = time.perf_counter()
+            changed = cache.set(world.resources())
+            t1 = time.perf_counter()
+            await _acked(ads, cache, changed, 120)
+            apply.append(time.perf_counter() - t1)
+            build.append(t1 - t0)
+            pushed.append(sum(len(b) for t in changed for b in cache.get(t).resources.values()))
+        return {
+            "strategy": strategy_name,
+            "models": models,
+            "pods": pods,
+            "concurrency": concurrency,
+            "initial_apply_s": round(initial, 3),
+            "push_build_serialize": summary_ms(build),
+            "push_envoy_apply": summary_ms(apply),
+            "push_bytes": int(statistics.median(pushed)),
+            "envoy_rss_mb": round(_rss_mb(envoy.popen.pid), 1),
+        }
+    finally:
+        envoy.stop()
+        await server.stop(0)
+
+
+async def many_gateways(
+    models: int, pods: int, strategy_name: str, gateways: int, pushes: int
+) -> dict[str, Any]:
+    """modelxds with ``gateways`` ADS clients that subscribe and ACK like Envoy."""
+    world = World(models, pods, strategy_name, 8008)
+    cache = SnapshotCache()
+    ads = AdsServer(cache)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+    server.add_generic_rpc_handlers([ads.handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    cache.set(world.resources())
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]
+    )
+    clients = [asyncio.create_task(_client(channel, f"gw-{i}")) for i in range(gateways)]
+    try:
+        while len(ads.streams) < gateways:
+            await asyncio.sleep(0.05)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        for _ in range(pushes):
+            world.move_one()
+            changed = cache.set(world.resources())
+            await _all_acked(ads, cache, changed)
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        return {
+            "strategy": strategy_name,
+            "models": models,
+            "pods": pods,
+            "gateways": gateways,
+            "pushes": pushes,
+            "push_to_all_acked_ms": round(wall / pushes * 1000, 1),
+            "cpu_seconds_per_push": round(cpu / pushes, 3),
+            # this process also runs the 100 clients: an upper bound for the server alone
+            "rss_mb_with_clients": round(_rss_mb_self(), 1),
+        }
+    finally:
+        for c in clients:
+            c.cancel()
+        await channel.close()
+        await server.stop(0)
+
+
+def _rss_mb_self() -> float:
+    return _rss_mb(int(Path("/proc/self/stat").read_text().split()[0]))
+
+
+async def _all_acked(ads: AdsServer, cache: SnapshotCache, types: list[str]) -> None:
+    while not all(
+        s.types.get(t) is not None and s.types[t].acked_version == cache.get(t).version
+        for s in ads.streams.values()
+        for t in types
+    ):
+        await asyncio.sleep(0.005)
+
+
+async def _client(channel: grpc.aio.Channel, node_id: str) -> None:
+    """Subscribe to every type, ACK every response; never parse resources (Envoy's cost)."""
+    queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+    for t in PUSH_ORDER:
+        queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=t, node=base_pb2.Node(id=node_id)))
+
+    async def requests() -> Any:
+        while True:
+            yield await queue.get()
+
+    stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+        requests()
+    )
+    names: dict[str, list[str]] = {}
+    async for resp in stream:
+        if resp.type_url.endswith("Cluster"):
+            names["type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"] = [
+                _name(r.value) for r in resp.resources
+            ]
+        queue.put_nowait(
+            discovery_pb2.DiscoveryRequest(
+                type_url=resp.type_url,
+                version_info=resp.version_info,
+                response_nonce=resp.nonce,
+                resource_names=names.get(resp.type_url, []),
+            )
+        )
+
+
+def _name(value: bytes) -> str:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    return str(cluster_pb2.Cluster.FromString(value).name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default="bench-results/scale.json")
+    p.add_argument("--sizes", default="1000x10,20000x100,100000x500")
+    p.add_argument("--strategies", default="subset,scale")
+    p.add_argument("--concurrency", default="2,8")
+    p.add_argument("--pushes", type=int, default=5)
+    p.add_argument("--gateways", type=int, default=100)
+    args = p.parse_args()
+    results: dict[str, list[dict[str, Any]]] = {"envoy": [], "gateways": []}
+    with tempfile.TemporaryDirectory(prefix="modelxds-scale-") as tmp:
+        for size in args.sizes.split(","):
+            models, pods = (int(x) for x in size.split("x"))
+            for name in args.strategies.split(","):
+                for c in (int(x) for x in args.concurrency.split(",")):
+                    r = asyncio.run(envoy_run(models, pods, name, c, args.pushes, Path(tmp)))
+                    print(
+                        f"{models:>6}/{pods:<3} {name:<6} c={c}: push build "
+                        f"{r['push_build_serialize']['p50_ms']} ms, {r['push_bytes'] / 1e6:.2f}"
+                        f" MB, Envoy apply p50 {r['push_envoy_apply']['p50_ms']} ms, "
+                        f"RSS {r['envoy_rss_mb']} MB, initial {r['initial_apply_s']} s",
+                        flush=True,
+                    )
+                    results["envoy"].append(r)
+        if args.gateways:
+            # the middle size (20,000 / 100 by default): the one with targets to meet
+            sizes = args.sizes.split(",")
+            models, pods = (int(x) for x in sizes[len(sizes) // 2].split("x"))
+            for name in args.strategies.split(","):
+                g = asyncio.run(many_gateways(models, pods, name, args.gateways, args.pushes))
+                print(
+                    f"{args.gateways} gateways, {models}/{pods} {name}: push to all ACKed "
+                    f"{g['push_to_all_acked_ms']} ms, CPU {g['cpu_seconds_per_push']} s/push, "
+                    f"RSS {g['rss_mb_with_clients']} MB",
+                    flush=True,
+                )
+                results["gateways"].append(g)
+    write_result(args.out, {"benchmark": "scale", "machine": machine(), **results})
+
+
+if __name__ == "__main__":
+    main()
