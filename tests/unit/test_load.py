@@ -10,7 +10,13 @@ import pytest
 import pytest_asyncio
 
 from modelxds.bench.load import LoadSpec, parse_duration, run
-from modelxds.bench.stats import duration_histogram, histogram, percentile, summary_line
+from modelxds.bench.stats import (
+    duration_histogram,
+    histogram,
+    percentile,
+    percentiles_ms,
+    summary_line,
+)
 from modelxds.localmesh.processes import free_port
 from modelxds.localmesh.sample import SampleBackend
 
@@ -146,3 +152,33 @@ async def test_grpc_load_reaches_the_pod_with_headers_and_models(pod: SampleBack
     )
     assert result["RetCodes"] == {"OK": 25}
     assert set(pod.served) == {"m1", "m2"} and sum(pod.served.values()) == 25
+
+
+def test_a_fortio_json_result_reads_like_ours() -> None:
+    # the fields `bench compare --tool fortio` reads from `fortio load -json`
+    fortio = {
+        "ActualQPS": 99.98,
+        "RetCodes": {"200": 6000},
+        "DurationHistogram": {
+            "Count": 6000,
+            "Min": 0.0009,
+            "Max": 0.0213,
+            "Avg": 0.0014,
+            "Sum": 8.4,
+            "Percentiles": [
+                {"Percentile": 50, "Value": 0.00121},
+                {"Percentile": 75, "Value": 0.00135},
+                {"Percentile": 90, "Value": 0.00162},
+                {"Percentile": 99, "Value": 0.0041},
+                {"Percentile": 99.9, "Value": 0.0118},
+            ],
+        },
+    }
+    assert percentiles_ms(fortio) == {
+        "p50": 1.21,
+        "p75": 1.35,
+        "p90": 1.62,
+        "p99": 4.1,
+        "p99.9": 11.8,
+    }
+    assert summary_line(fortio).startswith("6000 requests, 100.0 qps")

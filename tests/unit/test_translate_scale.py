@@ -33,8 +33,8 @@ SERVICE = f"outbound|8033||{FQDN}"
 PODS = ("7dd689-4zwqs", "7dd689-k2x9p", "7dd689-p3r7q")
 
 
-def _pod(iid: str) -> str:
-    return f"outbound|8033|{iid}|{FQDN}"
+def _pod(iid: str, port: int = 8033) -> str:
+    return f"{iid}.modelmesh-serving:{port}"
 
 
 def _policy(fallback: str = "ANY_ENDPOINT", default_subset: str = "") -> str:
@@ -310,12 +310,10 @@ def test_several_pod_ports_get_their_own_pod_clusters() -> None:
     assert sorted(resources[CLUSTER]) == sorted(
         [SERVICE, f"outbound|8008||{FQDN}"]
         + [_pod(i) for i in PODS]
-        + [f"outbound|8008|{i}|{FQDN}" for i in PODS]
+        + [_pod(i, 8008) for i in PODS]
     )
     assert _routes(resources)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q")]
-    assert _routes(resources, "9008")["xgb__isvc-1a2b3c4d5e"] == [
-        f"outbound|8008|7dd689-p3r7q|{FQDN}"
-    ]
+    assert _routes(resources, "9008")["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q", 8008)]
 
 
 def test_empty_placement_sends_everything_to_the_fallback() -> None:
