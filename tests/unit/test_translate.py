@@ -171,8 +171,9 @@ def test_default_subset_is_configured() -> None:
     assert dict(cluster.lb_subset_config.default_subset) == {KEY: "example-mnist-isvc"}
 
 
-def test_several_headers_and_ports() -> None:
-    text = (
+def several_headers_and_ports() -> str:
+    """The seed plus a second header (to a second key) and a second listener port."""
+    return (
         SEED_POLICY_YAML.replace(
             "    - header: model\n      key: modelmesh.asm.alibabacloud.com",
             "    - header: model\n      key: modelmesh.asm.alibabacloud.com\n"
@@ -184,7 +185,10 @@ def test_several_headers_and_ports() -> None:
             "          keys: [modelmesh.asm.alibabacloud.com]\n        - keys: [alias]",
         )
     )
-    resources = translate(_placement(), parse_policy(text), OPTIONS)
+
+
+def test_several_headers_and_ports() -> None:
+    resources = translate(_placement(), parse_policy(several_headers_and_ports()), OPTIONS)
     assert sorted(resources[LISTENER]) == ["0.0.0.0_8008", "0.0.0.0_9008"]
     assert sorted(resources[ROUTE]) == ["8008", "9008"]
     listener = resources[LISTENER]["0.0.0.0_8008"]

@@ -26,7 +26,13 @@ from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
 from modelxds.xds.scale import MODEL_HEADER, translate_scale
 from modelxds.xds.translate import translate
-from tests.unit.test_translate import KEY, OPTIONS, _check_golden, _placement
+from tests.unit.test_translate import (
+    KEY,
+    OPTIONS,
+    _check_golden,
+    _placement,
+    several_headers_and_ports,
+)
 
 FQDN = "modelmesh-serving.modelmesh-serving.svc.cluster.local"
 SERVICE = f"outbound|8033||{FQDN}"
@@ -271,18 +277,7 @@ def test_a_model_miss_and_a_request_without_model_can_fall_back_differently() ->
 
 
 def test_several_headers_and_ports() -> None:
-    text = (
-        SEED_POLICY_YAML.replace(
-            "    - header: model\n      key: modelmesh.asm.alibabacloud.com",
-            "    - header: model\n      key: modelmesh.asm.alibabacloud.com\n"
-            "    - header: x-model\n      key: alias",
-        )
-        .replace("    - port: 8008", "    - port: 8008\n    - port: 9008")
-        .replace(
-            "          keys: [modelmesh.asm.alibabacloud.com]",
-            "          keys: [modelmesh.asm.alibabacloud.com]\n        - keys: [alias]",
-        )
-    )
+    text = several_headers_and_ports()
     resources = translate_scale(_placement(), parse_policy(text), OPTIONS)
     assert sorted(resources[LISTENER]) == ["0.0.0.0_8008", "0.0.0.0_9008"]
     assert sorted(resources[ROUTE]) == ["8008", "9008"]
