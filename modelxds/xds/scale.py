@@ -100,7 +100,7 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
             _http_filter("envoy.filters.http.header_mutation", model_header(d.http)),
             _http_filter("envoy.filters.http.lua", REROUTE),
         ]
-        match_map = model_match_map(d.mesh, pods)
+        match_map = model_match_map(d.mesh, d.fqdn, d.port)
         for listen_port in d.http.ports:
             route_name = str(listen_port)
             listeners[listener_name(options, listen_port)] = build_listener(
@@ -219,20 +219,15 @@ def build_scale_route_config(
     return config
 
 
-def model_match_map(mesh: MeshPlacement, pods: Mapping[str, str]) -> bytes:
+def model_match_map(mesh: MeshPlacement, fqdn: str, port: int) -> bytes:
     """A serialized ``MatchMap``: every routable model id and vmodel id -> its route.
 
     Tens of thousands of entries: joining cached bytes and parsing them once is several
     times faster than filling the protobuf map entry by entry.
     """
-    by_pods: dict[tuple[str, ...], bytes] = {}
-    entries = []
-    for model, holders in routable_names(mesh).items():
-        value = by_pods.get(holders)
-        if value is None:
-            value = by_pods[holders] = _on_match(tuple(pods[i] for i in holders))
-        entries.append(_map_entry(model, value))
-    return b"".join(entries)
+    return b"".join(
+        [_map_entry(name, holders, fqdn, port) for name, holders in routable_names(mesh).items()]
+    )
 
 
 def failover_retry_policy() -> route_components_pb2.RetryPolicy:
@@ -256,11 +251,12 @@ def routable_names(mesh: MeshPlacement) -> dict[str, tuple[str, ...]]:
     return names
 
 
-@lru_cache(maxsize=1 << 17)
-def _map_entry(name: str, value: bytes) -> bytes:
-    """``MatchMap.map`` (field 1) entry: key (field 1), value. Cached: most names keep
-    their pods from one push to the next."""
-    return encode_field(1, encode_field(1, name.encode()) + value)
+@lru_cache(maxsize=1 << 18)
+def _map_entry(name: str, holders: tuple[str, ...], fqdn: str, port: int) -> bytes:
+    """``MatchMap.map`` (field 1) entry: key (field 1), value. Cached whole: most names
+    keep their pods from one push to the next, so a push mostly joins cached bytes."""
+    clusters = tuple(pod_cluster_name(fqdn, port, i) for i in holders)
+    return encode_field(1, encode_field(1, name.encode()) + _on_match(clusters))
 
 
 @lru_cache(maxsize=1 << 16)
