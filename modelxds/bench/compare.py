@@ -34,36 +34,12 @@ from modelxds.bench.load import LoadSpec, parse_duration, run
 from modelxds.bench.stats import duration_histogram, percentiles_ms, summary_line
 from modelxds.kserve import DESCRIPTOR_SET_PATH, SERVICE_NAME
 from modelxds.localmesh import processes
+from modelxds.localmesh.client import SEED_BODY, SEED_REQUEST
 from modelxds.localmesh.stack import Stack, pod_host, wait_until
-from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord
 from modelxds.modelmesh.registrar import now_ms, update_model
 
-REST_BODY = json.dumps(
-    {
-        "inputs": [
-            {
-                "name": "predict",
-                "shape": [1, 64],
-                "datatype": "FP32",
-                "contents": {"fp32_contents": SEED_INPUT},
-            }
-        ]
-    }
-)
-GRPC_BODY = json.dumps(
-    {
-        "model_name": "{model}",
-        "inputs": [
-            {
-                "name": "predict",
-                "shape": [1, 64],
-                "datatype": "FP32",
-                "contents": {"fp32_contents": SEED_INPUT},
-            }
-        ],
-    }
-)
+GRPC_BODY = json.dumps({"model_name": "{model}", **SEED_REQUEST}).encode()
 
 
 def plain_gateway(stack: Stack, port: int, admin_port: int) -> dict[str, Any]:
@@ -206,7 +182,7 @@ def _spec(
             connections=args.connections,
             duration=args.duration,
             headers=[("model", "{model}")],
-            payload=REST_BODY.encode(),
+            payload=SEED_BODY,
             jitter=args.jitter,
             models=models,
         )
@@ -218,7 +194,7 @@ def _spec(
         qps=args.qps,
         connections=args.connections,
         duration=args.duration,
-        payload=GRPC_BODY.encode(),
+        payload=GRPC_BODY,
         jitter=args.jitter,
         models=models,
         headers=[("model", "{model}")] + ([("mm-balanced", "true")] if direct else []),
@@ -277,7 +253,7 @@ async def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             qps=0,
             connections=4,
             duration=0,
-            payload=GRPC_BODY.encode(),
+            payload=GRPC_BODY,
             models=list(holders),
             headers=[("model", "{model}")],
         )

@@ -11,18 +11,18 @@ from typing import Any
 
 from modelxds.localmesh.train import SEED_INPUT
 
-SEED_BODY = json.dumps(
-    {
-        "inputs": [
-            {
-                "name": "predict",
-                "shape": [1, 64],
-                "datatype": "FP32",
-                "contents": {"fp32_contents": SEED_INPUT},
-            }
-        ]
-    }
-).encode()
+# the seed's REST request; KServe V2 protobuf JSON, so also a ModelInferRequest
+SEED_REQUEST = {
+    "inputs": [
+        {
+            "name": "predict",
+            "shape": [1, 64],
+            "datatype": "FP32",
+            "contents": {"fp32_contents": SEED_INPUT},
+        }
+    ]
+}
+SEED_BODY = json.dumps(SEED_REQUEST).encode()
 
 
 async def rest_seed(address: str, name: str) -> int:

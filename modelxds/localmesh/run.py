@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import signal
 import sys
@@ -16,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from modelxds.localmesh import isvc
+from modelxds.localmesh.client import SEED_REQUEST
 from modelxds.localmesh.stack import SEED_GATEWAY_PORT, SEED_POD_PORT, Stack, wait_until
-from modelxds.localmesh.train import SEED_INPUT
 
 SEED_ISVC = "example-mnist-isvc"
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
@@ -45,10 +46,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _banner(stack: Stack) -> str:
     gw = f"127.0.0.1:{stack.gateway_port}"
-    payload = (
-        '{"inputs":[{"name":"predict","shape":[1,64],"datatype":"FP32",'
-        f'"contents":{{"fp32_contents":{SEED_INPUT}}}}}]}}'
-    ).replace(" ", "")
+    payload = json.dumps(SEED_REQUEST, separators=(",", ":"))
     pods = ", ".join(f"{iid}@{pod}" for iid, pod in stack.pod_addresses().items())
     return f"""
 modelxds local stack is up (logs in {stack.workdir}/)
