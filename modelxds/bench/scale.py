@@ -5,8 +5,10 @@
 Per size and strategy: modelxds's build + serialize time for a push (one model moved),
 the bytes a push sends, the time a real Envoy takes to apply it (from the cache update
 to its ACK of every changed type) and Envoy's RSS, with --concurrency 2 and 8. Then
-modelxds's own RSS and CPU while it serves 100 gateways (lightweight ADS clients that
-ACK like Envoy). Envoy runs against an in-process ADS server fed by the same
+end-to-end convergence with real etcd (etcd write -> first request served by the new
+holder, as bench.convergence), and modelxds's own RSS and CPU while it serves 100
+gateways (lightweight ADS clients that ACK like Envoy). Envoy runs against an
+in-process ADS server fed by the same
 translators `modelxds serve` uses; nothing but loopback is involved.
 """
 
@@ -26,6 +28,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from modelxds.bench import convergence
 from modelxds.bench.build import NOW, tables
 from modelxds.bench.common import machine, summary_ms, write_result
 from modelxds.kserve import descriptor_set_bytes
@@ -115,13 +118,13 @@ async def envoy_run(
     try:
         started = time.perf_counter()
         cache.set(world.resources())
-        await _acked(ads, cache, list(PUSH_ORDER), 600)
+        await _acked(ads, cache, [t for t in PUSH_ORDER if cache.get(t).resources], 600)
         initial = time.perf_counter() - started
         apply, build, pushed = [], [], []
         for _ in range(pushes):
             world.move_one()
             t0 = time.perf_counter()
-            changed = cache.set(world.resources())
+            changed = [t for t in cache.set(world.resources()) if cache.get(t).resources]
             t1 = time.perf_counter()
             await _acked(ads, cache, changed, 120)
             apply.append(time.perf_counter() - t1)
@@ -247,8 +250,14 @@ def main() -> None:
     p.add_argument("--concurrency", default="2,8")
     p.add_argument("--pushes", type=int, default=5)
     p.add_argument("--gateways", type=int, default=100)
+    p.add_argument(
+        "--convergence-sizes",
+        default="1000x10,20000x100",
+        help="sizes to also measure end-to-end convergence at, with real etcd (empty: none)",
+    )
+    p.add_argument("--changes", type=int, default=30, help="model moves per convergence run")
     args = p.parse_args()
-    results: dict[str, list[dict[str, Any]]] = {"envoy": [], "gateways": []}
+    results: dict[str, list[dict[str, Any]]] = {"envoy": [], "convergence": [], "gateways": []}
     with tempfile.TemporaryDirectory(prefix="modelxds-scale-") as tmp:
         for size in args.sizes.split(","):
             models, pods = (int(x) for x in size.split("x"))
@@ -263,6 +272,19 @@ def main() -> None:
                         flush=True,
                     )
                     results["envoy"].append(r)
+        for size in filter(None, args.convergence_sizes.split(",")):
+            models, pods = (int(x) for x in size.split("x"))
+            for name in args.strategies.split(","):
+                workdir = Path(tmp) / f"convergence-{size}-{name}"
+                run = asyncio.run(convergence.run(pods, models, args.changes, workdir, name))
+                conv = run["convergence"]
+                assert isinstance(conv, dict)
+                print(
+                    f"{models:>6}/{pods:<3} {name:<6} convergence p50 {conv['p50_ms']} ms, "
+                    f"p99 {conv['p99_ms']} ms ({args.changes} moves)",
+                    flush=True,
+                )
+                results["convergence"].append(run)
         if args.gateways:
             # the middle size (20,000 / 100 by default): the one with targets to meet
             sizes = args.sizes.split(",")

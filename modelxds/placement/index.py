@@ -8,6 +8,9 @@ between pushes and recomputing only dirty models, vmodels and instances:
 * a pod coming or going (instances / litelinks) dirties the models that list it;
 * the clock dirties a model when one of its loading copies becomes loaded;
 * a model whose routable pods change dirties the vmodels whose active model it is.
+
+Only the route buckets (``MeshPlacement.routes``) holding a dirty name are copied
+into the next snapshot; the others are handed on as the same objects.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from types import MappingProxyType
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
 from modelxds.placement.model import (
     DEFAULT_LOADED_AFTER_MS,
+    ROUTE_BUCKETS,
     Copies,
     Instance,
     MeshPlacement,
     VModel,
     classify,
+    empty_routes,
     live_instances,
+    route_bucket,
     vmodel_of,
 )
 
@@ -48,9 +54,17 @@ class Changes:
 class MeshIndex:
     """Derived placement of one deployment, kept current from record changes."""
 
-    def __init__(self, namespace: str, loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
+        buckets: int = ROUTE_BUCKETS,
+    ) -> None:
         self.namespace = namespace
         self.loaded_after_ms = loaded_after_ms
+        self.buckets = buckets
+        self._routes: list[dict[str, tuple[str, ...]]] = [{} for _ in range(buckets)]
+        self._route_views: list[Mapping[str, tuple[str, ...]]] = list(empty_routes(buckets))
         self._live: dict[str, Instance] = {}
         self._copies: dict[str, Copies] = {}
         self._vmodels: dict[str, VModel] = {}
@@ -84,6 +98,10 @@ class MeshIndex:
         for iid in dirty_pods:
             if iid in self._name_sets:
                 self._names[iid] = tuple(sorted(self._name_sets[iid]))
+        dirty_buckets = {self._set_route(name) for name in changes.models | changes.vmodels}
+        for b in dirty_buckets:
+            if b is not None:
+                self._route_views[b] = MappingProxyType(dict(self._routes[b]))
         changes.models.clear()
         changes.vmodels.clear()
         changes.pods = False
@@ -94,7 +112,22 @@ class MeshIndex:
             vmodels=MappingProxyType(dict(self._vmodels)),
             next_transition_ms=self._due[0][0] if self._due else None,
             names=MappingProxyType(dict(self._names)),
+            routes=tuple(self._route_views),
         )
+
+    def _set_route(self, name: str) -> int | None:
+        """Bring ``name``'s route up to date; returns its bucket if that changed."""
+        copies = self._copies.get(name)
+        pods = copies.routable if copies is not None else self._vroutable.get(name, ())
+        b = route_bucket(name, self.buckets)
+        bucket = self._routes[b]
+        if bucket.get(name, ()) == pods:
+            return None
+        if pods:
+            bucket[name] = pods
+        else:
+            del bucket[name]
+        return b
 
     def _refresh_pods(
         self,

@@ -9,12 +9,33 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
 
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
 
 DEFAULT_LOADED_AFTER_MS = 3000
+# ``MeshPlacement.routes`` comes in this many buckets of names, by ``route_bucket``.
+ROUTE_BUCKETS = 256
+# route_bucket's hash: h = (31 h + byte) mod 65521 over the name's UTF-8 bytes. Integers
+# this small are exact in Lua's doubles: a gateway's Lua filter computes the same
+# (modelxds/xds/scale.py), so a request finds its name's bucket without a lookup.
+BUCKET_HASH_MODULUS = 65521
+
+Routes = tuple[Mapping[str, tuple[str, ...]], ...]
+
+
+@lru_cache(maxsize=1 << 18)
+def route_bucket(name: str, buckets: int) -> int:
+    h = 0
+    for byte in name.encode():
+        h = (h * 31 + byte) % BUCKET_HASH_MODULUS
+    return h % buckets
+
+
+def empty_routes(buckets: int = ROUTE_BUCKETS) -> Routes:
+    return tuple(MappingProxyType({}) for _ in range(buckets))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +102,10 @@ class MeshPlacement:
     next_transition_ms: int | None = None
     # instance id -> every model id and vmodel id routable to it, sorted
     names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # routable(name) of every name that has pods, in buckets (route_bucket): a bucket
+    # nothing in changed is the very same object in the next snapshot, so a consumer
+    # redoes only the buckets a change touched
+    routes: Routes = field(default_factory=empty_routes)
 
     def routable(self, name: str) -> tuple[str, ...]:
         """Instances to send a request for ``name`` (model id, else vmodel id) to."""
@@ -148,6 +173,7 @@ def build_mesh(
     litelinks: Mapping[str, LitelinksRecord],
     now_ms: int,
     loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
+    buckets: int = ROUTE_BUCKETS,
 ) -> MeshPlacement:
     """Placement of one deployment at time ``now_ms``."""
     live = live_instances(instances, litelinks)
@@ -161,6 +187,10 @@ def build_mesh(
             next_transition = due if next_transition is None else min(next_transition, due)
         for iid in copies.routable:
             names[iid].append(model_id)
+    routes: list[dict[str, tuple[str, ...]]] = [{} for _ in range(buckets)]
+    for model_id, copies in models.items():
+        if copies.routable:
+            routes[route_bucket(model_id, buckets)][model_id] = copies.routable
     vms = {}
     for vid, vrec in vmodels.items():
         vm = vmodel_of(vrec)
@@ -171,6 +201,8 @@ def build_mesh(
         if active is not None:
             for iid in active.routable:
                 names[iid].append(vid)
+            if active.routable and vid not in models:  # a model id wins over a vmodel id
+                routes[route_bucket(vid, buckets)][vid] = active.routable
     return MeshPlacement(
         namespace=namespace,
         instances=MappingProxyType(live),
@@ -178,6 +210,7 @@ def build_mesh(
         vmodels=MappingProxyType(vms),
         next_transition_ms=next_transition,
         names=MappingProxyType({iid: tuple(sorted(n)) for iid, n in names.items()}),
+        routes=tuple(map(MappingProxyType, routes)),
     )
 
 

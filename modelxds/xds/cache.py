@@ -12,6 +12,8 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
 
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto)
@@ -66,6 +68,10 @@ class SnapshotCache:
 
     def __init__(self) -> None:
         self._types = {t: _empty(t) for t in PUSH_ORDER}
+        # per type, name -> (message, serialized Any, digest) of the last set
+        self._built: dict[str, dict[str, tuple[Message, bytes, bytes]]] = {
+            t: {} for t in PUSH_ORDER
+        }
         self._listeners: set[asyncio.Event] = set()
         self.ready = asyncio.Event()  # set once the first real config is in
 
@@ -73,17 +79,28 @@ class SnapshotCache:
         return self._types.get(type_url) or _empty(type_url)
 
     def set(self, resources: Resources) -> list[str]:
-        """Replace the config; returns the type URLs whose content changed."""
+        """Replace the config; returns the type URLs whose content changed.
+
+        A message is taken as final once set: passed again (the same object, as the
+        scale translator does for what did not change), its bytes are reused, neither
+        serialized nor, on streams that already have them, sent again.
+        """
         changed = []
         for type_url in PUSH_ORDER:
-            msgs = resources.get(type_url, {})
-            serialized = {
-                name: encode_field(_ANY_TYPE_URL, type_url.encode())
-                + encode_field(_ANY_VALUE, msg.SerializeToString(deterministic=True))
-                for name, msg in msgs.items()
-            }
-            version = _version(serialized.items())
+            before = self._built[type_url]
+            built = {}
+            for name, msg in resources.get(type_url, {}).items():
+                seen = before.get(name)
+                if seen is None or seen[0] is not msg:
+                    blob = encode_field(_ANY_TYPE_URL, type_url.encode()) + encode_field(
+                        _ANY_VALUE, msg.SerializeToString(deterministic=True)
+                    )
+                    seen = (msg, blob, hashlib.blake2b(blob, digest_size=16).digest())
+                built[name] = seen
+            self._built[type_url] = built
+            version = _version((name, digest) for name, (_, _, digest) in built.items())
             if version != self._types[type_url].version:
+                serialized = {name: blob for name, (_, blob, _) in built.items()}
                 self._types[type_url] = TypeSnapshot(type_url, version, serialized)
                 changed.append(type_url)
         self.ready.set()
@@ -103,10 +120,10 @@ class SnapshotCache:
         return type_url in WILDCARD_TYPES and not any(True for _ in names)
 
 
-def _version(items: Iterable[tuple[str, bytes]]) -> str:
+def _version(digests: Iterable[tuple[str, bytes]]) -> str:
     h = hashlib.blake2b(digest_size=8)
-    for name, blob in sorted(items):
+    for name, digest in sorted(digests):
         h.update(name.encode())
-        h.update(len(blob).to_bytes(8, "little"))
-        h.update(blob)
+        h.update(b"\0")
+        h.update(digest)
     return h.hexdigest()

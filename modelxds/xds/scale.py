@@ -1,4 +1,4 @@
-"""The "scale" strategy: a cluster per pod and an O(1) route per model.
+"""The "scale" strategy: a cluster per pod and an O(1) route per model, in shards.
 
 Envoy's subset load balancer rebuilds every subset on every endpoint update, on
 every worker thread: about 0.9 s and 1.5 GB at 20,000 models on 100 pods with 8
@@ -8,14 +8,20 @@ workers. This strategy keeps placement out of clusters and endpoints altogether:
   for the fallback. Only pods coming and going change CDS/EDS (under ANY_ENDPOINT
   every pod's cluster then, see retries below); loads and unloads never do.
 * LDS: the subset strategy's ``header_to_metadata`` filter puts the request's model
-  into ``envoy.lb/<model key>`` exactly as there; a ``header_mutation`` filter then
-  copies it into the ``x-modelxds-model`` request header, and a one-line Lua filter
-  makes Envoy route again with that header.
-* RDS: the virtual host's matcher maps each model id and vmodel id (exact match on
-  that header, a hash map in Envoy) to a route whose ``weighted_clusters`` spread
-  over the pods routable for it; anything else gets the DestinationRule's fallback.
+  into ``envoy.lb/<model key>`` exactly as there. A short Lua filter copies it into
+  the ``x-modelxds-model`` header, writes the name's shard (a hash of it, or
+  ``none`` without a model) into ``x-modelxds-shard`` and makes Envoy route again.
+  Scoped routes pick the shard's route table by that header.
+* RDS: a table per shard. Its virtual host's matcher maps each model id and vmodel
+  id of the shard (exact match on the model header, a hash map in Envoy) to a route
+  whose ``weighted_clusters`` spread over the pods routable for it; anything else
+  gets the DestinationRule's fallback.
 
-Placement changes touch only RDS, which Envoy's workers share.
+Why shards: Envoy rebuilds a whole route table on any change to it, at ~20 us a
+route, holding the old one meanwhile. One table of 40,000 names (20,000 models and
+their InferenceServices) took 0.8 s and 370 MB to apply per placement change; a
+shard of ~160 takes milliseconds, and only changed shards are sent (RDS is not a
+state-of-the-world type: a gateway keeps the tables a response leaves out).
 
 Retries: Envoy picks one of the ``weighted_clusters`` per request and every retry
 stays in it, so a retry cannot reach another holder the way the subset load
@@ -29,16 +35,19 @@ it, since sending them anywhere would break the rule.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import string
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import Any, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
 )
@@ -46,12 +55,12 @@ from envoy.type.matcher.v3 import http_inputs_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.core.v3 import extension_pb2
-from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
+from xds.type.matcher.v3 import matcher_pb2
 
-from modelxds.placement.model import Instance, MeshPlacement, Placement
-from modelxds.policy import FallbackPolicy, HttpRoute, Policy
+from modelxds.placement.model import BUCKET_HASH_MODULUS, MeshPlacement, Placement
+from modelxds.policy import FallbackPolicy, Policy
 from modelxds.xds.cache import encode_field
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 from modelxds.xds.translate import (
     LB_NAMESPACE,
     Destination,
@@ -69,45 +78,92 @@ from modelxds.xds.translate import (
     retry_policy,
 )
 
-# The request header routes match on; whatever the client sent under this name is dropped.
+# The request headers routes match on; whatever a client sent under these names is replaced.
 MODEL_HEADER = "x-modelxds-model"
-# Envoy picks the route before the first HTTP filter runs and keeps it: a header set by
-# a filter changes nothing unless a later filter clears that cache. No built-in filter
-# does so on request (the transcoder does only for the REST requests it rewrites).
-REROUTE = lua_pb2.Lua(
-    default_source_code=base_pb2.DataSource(
-        inline_string="function envoy_on_request(request) request:clearRouteCache() end"
-    )
-)
+SHARD_HEADER = "x-modelxds-shard"
+NO_MODEL = "none"  # the shard of a request that names no model
+_LUA_SAFE = frozenset(string.ascii_letters + string.digits + "-_./")
+
+M = TypeVar("M", bound=Message)
+Address = tuple[str, str]  # a pod's instance id and IP
 
 
 def translate_scale(placement: Placement, policy: Policy, options: Options) -> Resources:
     """Same contract as ``translate``: a pure function, same input, same bytes."""
+    _REUSE.next_translation()
     clusters: dict[str, Message] = {}
     endpoints: dict[str, Message] = {}
     listeners: dict[str, Message] = {}
+    scopes: dict[str, Message] = {}
     routes: dict[str, Message] = {}
     for d in destinations(placement, policy, options):
         service = cluster_name(d.fqdn, d.port)
         clusters[service] = build_service_cluster(service, options)
         endpoints[service] = build_service_endpoints(service, d.mesh, d.port)
         pods = {iid: pod_cluster_name(d.fqdn, d.port, iid) for iid in sorted(d.mesh.instances)}
-        failover = model_miss_policy(d) is FallbackPolicy.ANY_ENDPOINT
-        for iid, name in pods.items():
-            others = [d.mesh.instances[o] for o in pods if o != iid] if failover else []
-            clusters[name] = build_pod_cluster(name, d.mesh.instances[iid], others, d.port, options)
-        model_filters = [
-            _http_filter("envoy.filters.http.header_mutation", model_header(d.http)),
-            _http_filter("envoy.filters.http.lua", REROUTE),
-        ]
-        match_map = model_match_map(d.mesh, d.fqdn, d.port)
+        clusters.update(pod_clusters(d, pods, options))
+        model_vhost = _virtual_host(d, model_miss_policy(d), service, pods)
+        no_model_vhost = _virtual_host(d, d.rule.fallback_policy, service, pods)
         for listen_port in d.http.ports:
-            route_name = str(listen_port)
+            shards = shard_names(listen_port, len(d.mesh.routes))
+            lua = route_by_model(model_keys(d.http), f"{listen_port}/", len(d.mesh.routes))
             listeners[listener_name(options, listen_port)] = build_listener(
-                listen_port, route_name, d.http, options, model_filters
+                listen_port,
+                scoped_routes(listen_port),
+                d.http,
+                options,
+                [_http_filter("envoy.filters.http.lua", lua)],
             )
-            routes[route_name] = build_scale_route_config(route_name, d, service, pods, match_map)
-    return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
+            for name in shards:
+                scopes[name] = build_scope(name)
+            for name, bucket in zip(shards, d.mesh.routes, strict=False):
+                routes[name] = _REUSE.get(
+                    (name, model_vhost, id(bucket), d.fqdn, d.port),
+                    build_shard_table,
+                    *(name, model_vhost, bucket, d.fqdn, d.port),
+                )
+            routes[shards[-1]] = build_shard_table(shards[-1], no_model_vhost, {}, "", 0)
+    return {
+        CLUSTER: clusters,
+        ENDPOINT: endpoints,
+        LISTENER: listeners,
+        SCOPED_ROUTE: scopes,
+        ROUTE: routes,
+    }
+
+
+class _Reuse:
+    """Messages built by the previous translation, by everything they were built from.
+
+    A shard or pod cluster whose inputs did not change comes back as the very same
+    object, which the SnapshotCache then neither serializes nor sends again. Only the
+    last translation's messages are kept, with the arguments they were built from (so
+    an ``id()`` among the inputs stays that object's).
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, tuple[tuple[Any, ...], Message]] = {}
+        self._now: dict[Hashable, tuple[tuple[Any, ...], Message]] = {}
+
+    def next_translation(self) -> None:
+        self._last, self._now = self._now, {}
+
+    def get(self, inputs: Hashable, build: Callable[..., M], *args: Any) -> M:
+        built = self._now.get(inputs) or self._last.get(inputs)
+        if built is None:
+            built = (args, build(*args))
+        self._now[inputs] = built
+        return built[1]  # type: ignore[return-value]
+
+
+_REUSE = _Reuse()
+
+
+def shard_names(listen_port: int, buckets: int) -> list[str]:
+    """``<port>/<bucket>`` for each route bucket, then ``<port>/none``: the scope keys
+    and route table names of one listener. Scopes are one list for every listener (a
+    gateway takes them all), so the port keeps the listeners' apart."""
+    return [f"{listen_port}/{key}" for key in [*map(str, range(buckets)), NO_MODEL]]
 
 
 def pod_cluster_name(fqdn: str, port: int, instance_id: str) -> str:
@@ -117,24 +173,47 @@ def pod_cluster_name(fqdn: str, port: int, instance_id: str) -> str:
     return f"{instance_id}.{fqdn.split('.')[1]}:{port}"
 
 
+def pod_clusters(
+    d: Destination, pods: Mapping[str, str], options: Options
+) -> dict[str, cluster_pb2.Cluster]:
+    """Cluster name -> the pod's cluster, for ``pods`` (instance id -> cluster name)."""
+    failover = model_miss_policy(d) is FallbackPolicy.ANY_ENDPOINT
+    # all a pod cluster uses of the pods: their load statistics change nothing
+    addresses = tuple((iid, d.mesh.instances[iid].host) for iid in pods)
+    return {
+        name: _REUSE.get(
+            (name, iid, addresses, failover, d.port, options),
+            build_pod_cluster,
+            *(name, iid, addresses, failover, d.port, options),
+        )
+        for iid, name in pods.items()
+    }
+
+
 def build_pod_cluster(
-    name: str, pod: Instance, others: Sequence[Instance], port: int, options: Options
+    name: str,
+    iid: str,
+    addresses: Sequence[Address],
+    failover: bool,
+    port: int,
+    options: Options,
 ) -> cluster_pb2.Cluster:
-    """The pod at priority 0, ``others`` at priority 1 for retries only: no health
-    checks run, so the pod always looks healthy and takes every first try.
+    """Pod ``iid`` at priority 0 and, with ``failover``, the other pods at priority 1 for
+    retries only: no health checks run, so the pod always looks healthy and takes
+    every first try.
 
     STATIC: it depends on the pods alone, so loads and unloads never touch it.
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    _add_endpoints(cla.endpoints.add(), [pod], port)
-    if others:
-        _add_endpoints(cla.endpoints.add(priority=1), others, port)
+    _add_endpoints(cla.endpoints.add(), [a for a in addresses if a[0] == iid], port)
+    if failover and len(addresses) > 1:
+        _add_endpoints(cla.endpoints.add(priority=1), [a for a in addresses if a[0] != iid], port)
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         load_assignment=cla,
         connect_timeout=_ms(options.connect_timeout_ms),
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,  # among ``others``
+        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,  # among the others
         typed_extension_protocol_options=http2_upstream(),
     )
 
@@ -157,77 +236,124 @@ def build_service_endpoints(
     name: str, mesh: MeshPlacement, port: int
 ) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    _add_endpoints(cla.endpoints.add(), [mesh.instances[i] for i in sorted(mesh.instances)], port)
+    pods = [(i, mesh.instances[i].host) for i in sorted(mesh.instances)]
+    _add_endpoints(cla.endpoints.add(), pods, port)
     return cla
 
 
 def _add_endpoints(
-    group: endpoint_pb2.LocalityLbEndpoints, pods: Iterable[Instance], port: int
+    group: endpoint_pb2.LocalityLbEndpoints, pods: Iterable[Address], port: int
 ) -> None:
-    for pod in pods:
+    for iid, host in pods:
         ep = group.lb_endpoints.add()
-        ep.endpoint.hostname = pod.id
-        ep.endpoint.address.socket_address.address = pod.host
+        ep.endpoint.hostname = iid
+        ep.endpoint.address.socket_address.address = host
         ep.endpoint.address.socket_address.port_value = port
 
 
-def model_header(http: HttpRoute) -> header_mutation_pb2.HeaderMutation:
-    """``envoy.lb/<key>`` (set by header_to_metadata) -> the ``x-modelxds-model`` header.
+@lru_cache(maxsize=64)
+def route_by_model(keys: tuple[str, ...], prefix: str, buckets: int) -> lua_pb2.Lua:
+    """The Lua filter: the model named in ``envoy.lb`` (set by header_to_metadata, the
+    first of ``keys`` present) -> the model header and the shard header (``prefix`` +
+    its route bucket), then route again.
 
-    A header a client sent itself is removed first. Then one mutation per key the
-    VirtualService maps, the model key last: Envoy skips a mutation whose value
-    formats empty (the key is absent), so the last key present wins.
+    Envoy picks a route before the first HTTP filter runs and keeps it unless a filter
+    clears that cache; no built-in filter does so for a header it sets.
     """
-    keys = [h.key for h in http.header_keys[1:]] + [http.header_keys[0].key]
-    Mutation = mutation_rules_pb2.HeaderMutation
-    mutations = [Mutation(remove=MODEL_HEADER)]
-    mutations.extend(
-        Mutation(
-            append=base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(
-                    key=MODEL_HEADER, value=f"%DYNAMIC_METADATA({LB_NAMESPACE}:{key})%"
-                ),
-                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        )
-        for key in keys  # the policy loader allows each key once
-    )
-    return header_mutation_pb2.HeaderMutation(
-        mutations=header_mutation_pb2.Mutations(request_mutations=mutations)
+    script = f"""\
+local KEYS = {{{", ".join(map(_lua_string, keys))}}}
+function envoy_on_request(request)
+  local lb = request:streamInfo():dynamicMetadata():get("{LB_NAMESPACE}") or {{}}
+  local model
+  for _, key in ipairs(KEYS) do
+    local value = lb[key]
+    if type(value) == "string" and value ~= "" then
+      model = value
+      break
+    end
+  end
+  local headers = request:headers()
+  local shard = "{NO_MODEL}"
+  if model == nil then
+    headers:remove("{MODEL_HEADER}")
+  else
+    local h = 0
+    for i = 1, #model do
+      h = (h * 31 + model:byte(i)) % {BUCKET_HASH_MODULUS}
+    end
+    shard = tostring(h % {buckets})
+    headers:replace("{MODEL_HEADER}", model)
+  end
+  headers:replace("{SHARD_HEADER}", {_lua_string(prefix)} .. shard)
+  request:clearRouteCache()
+end
+"""
+    return lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=script))
+
+
+def _lua_string(text: str) -> str:
+    """A Lua string literal; anything but letters, digits and ``-_./`` as a ``\\ddd`` byte."""
+    body = "".join(chr(b) if chr(b) in _LUA_SAFE else f"\\{b:03d}" for b in text.encode())
+    return f'"{body}"'
+
+
+def scoped_routes(listen_port: int) -> hcm_pb2.ScopedRoutes:
+    """The connection manager's routing: the shard header's value is the scope key, and
+    each scope (SRDS) names its route table (RDS)."""
+    Builder = hcm_pb2.ScopedRoutes.ScopeKeyBuilder
+    extractor = Builder.FragmentBuilder.HeaderValueExtractor(name=SHARD_HEADER, index=0)
+    return hcm_pb2.ScopedRoutes(
+        name=str(listen_port),
+        scope_key_builder=Builder(
+            fragments=[Builder.FragmentBuilder(header_value_extractor=extractor)]
+        ),
+        rds_config_source=_ads(),
+        scoped_rds=hcm_pb2.ScopedRds(scoped_rds_config_source=_ads()),
     )
 
 
-def build_scale_route_config(
-    name: str, d: Destination, service: str, pods: Mapping[str, str], match_map: bytes
+def build_scope(name: str) -> scoped_route_pb2.ScopedRouteConfiguration:
+    """Scope key ``name`` -> route table ``name``."""
+    Key = scoped_route_pb2.ScopedRouteConfiguration.Key
+    return scoped_route_pb2.ScopedRouteConfiguration(
+        name=name, route_configuration_name=name, key=Key(fragments=[Key.Fragment(string_key=name)])
+    )
+
+
+def build_shard_table(
+    name: str, vhost: bytes, bucket: Mapping[str, tuple[str, ...]], fqdn: str, port: int
 ) -> route_pb2.RouteConfiguration:
-    """Exact model name -> a route over its pods (``match_map``, from model_match_map);
-    ``on_no_match`` is the fallback."""
+    """A shard's route table: the virtual host (``_virtual_host``) with a route for each
+    name in ``bucket`` (name -> pods) in its matcher."""
     config = route_pb2.RouteConfiguration(name=name)
-    # built in place: a nested message passed to a constructor is copied, megabytes here
-    vhost = config.virtual_hosts.add(
+    # built in place: a nested message passed to a constructor is copied
+    host = config.virtual_hosts.add()
+    host.MergeFromString(vhost)
+    if bucket:  # an empty map is invalid; without a tree every request takes on_no_match
+        tree = host.matcher.matcher_tree
+        tree.input.CopyFrom(_model_input())
+        # joining cached entries and parsing them once beats filling the map entry by entry
+        tree.exact_match_map.MergeFromString(
+            b"".join([_map_entry(n, pods, fqdn, port) for n, pods in bucket.items()])
+        )
+    return config
+
+
+def _virtual_host(
+    d: Destination, fallback: FallbackPolicy, service: str, pods: Mapping[str, str]
+) -> bytes:
+    """A shard table's virtual host, serialized, before its names go in: what every
+    shard shares, with ``fallback`` for a request its names do not match."""
+    vhost = route_components_pb2.VirtualHost(
         name=f"{d.vs.namespace}/{d.vs.name}",
         domains=list(d.vs.hosts) or ["*"],
         # once here rather than in each of 10,000s of routes
         retry_policy=failover_retry_policy(),
         request_headers_to_add=[balanced_header()],
     )
-    vhost.matcher.on_no_match.CopyFrom(_fallback(d, service, pods))
-    if match_map:  # an empty map is invalid; without a tree every request takes on_no_match
-        tree = vhost.matcher.matcher_tree
-        tree.input.CopyFrom(_model_input())
-        tree.exact_match_map.MergeFromString(match_map)
-    return config
-
-
-def model_match_map(mesh: MeshPlacement, fqdn: str, port: int) -> bytes:
-    """A serialized ``MatchMap``: every routable model id and vmodel id -> its route.
-
-    Tens of thousands of entries: joining cached bytes and parsing them once is several
-    times faster than filling the protobuf map entry by entry.
-    """
-    return b"".join(
-        [_map_entry(name, holders, fqdn, port) for name, holders in routable_names(mesh).items()]
-    )
+    vhost.matcher.on_no_match.CopyFrom(_fallback_action(fallback, d, service, pods))
+    serialized: bytes = vhost.SerializeToString(deterministic=True)
+    return serialized
 
 
 def failover_retry_policy() -> route_components_pb2.RetryPolicy:
@@ -241,20 +367,10 @@ def failover_retry_policy() -> route_components_pb2.RetryPolicy:
     return policy
 
 
-def routable_names(mesh: MeshPlacement) -> dict[str, tuple[str, ...]]:
-    """``mesh.routable(name)`` for every model id and vmodel id that has pods."""
-    names = {model: copies.routable for model, copies in mesh.models.items() if copies.routable}
-    for vid, vmodel in mesh.vmodels.items():
-        active = mesh.models.get(vmodel.active)
-        if vid not in mesh.models and active is not None and active.routable:
-            names[vid] = active.routable
-    return names
-
-
 @lru_cache(maxsize=1 << 18)
 def _map_entry(name: str, holders: tuple[str, ...], fqdn: str, port: int) -> bytes:
     """``MatchMap.map`` (field 1) entry: key (field 1), value. Cached whole: most names
-    keep their pods from one push to the next, so a push mostly joins cached bytes."""
+    keep their pods from one push to the next."""
     clusters = tuple(pod_cluster_name(fqdn, port, i) for i in holders)
     return encode_field(1, encode_field(1, name.encode()) + _on_match(clusters))
 
@@ -299,39 +415,6 @@ def _route_on_match(route: route_components_pb2.Route) -> matcher_pb2.Matcher.On
 
 # A matcher action's own RouteMatch is not consulted, but the field is required.
 _ANY_PATH = route_components_pb2.RouteMatch(prefix="/")
-
-
-def _fallback(d: Destination, service: str, pods: Mapping[str, str]) -> matcher_pb2.Matcher.OnMatch:
-    """What the subset load balancer does without a subset for the request.
-
-    A model no pod has gets the fallback of the selector on the model key; a request
-    without a model (say gRPC with the name only in the body) gets the rule's own.
-    """
-    rule = d.rule
-    for_model = model_miss_policy(d)
-    miss = _fallback_action(for_model, d, service, pods)
-    if for_model is rule.fallback_policy:
-        return miss
-    present = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-        value_match=string_pb2.StringMatcher(
-            safe_regex=regex_pb2.RegexMatcher(
-                google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=".*"
-            )
-        )
-    )
-    present.input.CopyFrom(_model_input())
-    nested = matcher_pb2.Matcher(
-        matcher_list=matcher_pb2.Matcher.MatcherList(
-            matchers=[
-                matcher_pb2.Matcher.MatcherList.FieldMatcher(
-                    predicate=matcher_pb2.Matcher.MatcherList.Predicate(single_predicate=present),
-                    on_match=miss,
-                )
-            ]
-        ),
-        on_no_match=_fallback_action(rule.fallback_policy, d, service, pods),
-    )
-    return matcher_pb2.Matcher.OnMatch(matcher=nested)
 
 
 def model_miss_policy(d: Destination) -> FallbackPolicy:

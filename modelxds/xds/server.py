@@ -19,15 +19,24 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from modelxds import metrics
-from modelxds.xds.cache import SnapshotCache
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SHORT_NAMES
+from modelxds.xds.cache import SnapshotCache, TypeSnapshot
+from modelxds.xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    SCOPED_ROUTE,
+    SHORT_NAMES,
+    WILDCARD_TYPES,
+)
 
 log = logging.getLogger(__name__)
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 
 
-_DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
+_DEPENDENT = {CLUSTER: (ENDPOINT,), LISTENER: (SCOPED_ROUTE, ROUTE), SCOPED_ROUTE: (ROUTE,)}
 
 
 @dataclass
@@ -42,6 +51,9 @@ class TypeState:
     nacked_version: str = ""
     nack_message: str = ""
     responses: int = 0
+    # named types (EDS, RDS): what the gateway was last sent of each name it asked for;
+    # a gateway keeps what a response leaves out, so only changed resources go again
+    have: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +150,7 @@ class AdsServer:
                 metrics.XDS_NACKS.labels(short).inc()
             state.nacked_version = state.sent_version or ""
             state.nack_message = req.error_detail.message
+            state.have = {}  # part of it may not have been taken: next time, send everything
         elif req.response_nonce:
             state.acked_version = req.version_info
             state.nacked_version = ""  # a later rejection, even of the same version, is news
@@ -157,10 +170,22 @@ class AdsServer:
         state.sent_version, state.sent_names = snap.version, state.names
         # A replaced cluster (listener) warms until it gets endpoints (routes), and a
         # gateway re-asking for unchanged names would get no answer: send them again.
-        dependent = _DEPENDENT.get(type_url)
-        if dependent in stream.types:
-            stream.types[dependent].sent_version = None
+        for dependent in _DEPENDENT.get(type_url, ()):
+            if dependent in stream.types:
+                stream.types[dependent].sent_version = None
+                stream.types[dependent].have = {}
+        names = state.names
+        if names is not None and type_url not in WILDCARD_TYPES:
+            # may be none at all: the response still carries the version to ACK
+            names = frozenset(n for n in names if _changed(state.have.get(n), snap, n))
+            state.have = {n: snap.resources[n] for n in state.names or () if n in snap.resources}
         state.nonce = str(next(self._nonces))
         state.responses += 1
         metrics.XDS_RESPONSES.labels(SHORT_NAMES[type_url]).inc()
-        return snap.response(state.names, state.nonce)
+        return snap.response(names, state.nonce)
+
+
+def _changed(had: bytes | None, snap: TypeSnapshot, name: str) -> bool:
+    now = snap.resources.get(name)
+    # the cache hands out the same bytes object for an unchanged resource
+    return now is not None and had is not now and had != now

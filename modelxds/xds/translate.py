@@ -111,7 +111,7 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
         for listen_port in d.http.ports:
             route_name = str(listen_port)
             listeners[listener_name(options, listen_port)] = build_listener(
-                listen_port, route_name, d.http, options
+                listen_port, rds(route_name), d.http, options
             )
             routes[route_name] = build_route_config(route_name, d.vs, name)
     return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
@@ -128,6 +128,10 @@ def listener_name(options: Options, port: int) -> str:
 def model_keys(http: HttpRoute) -> tuple[str, ...]:
     """Subset keys that carry the model: those the VirtualService maps headers to."""
     return tuple(dict.fromkeys(h.key for h in http.header_keys))
+
+
+def rds(route_name: str) -> hcm_pb2.Rds:
+    return hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name)
 
 
 def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_pb2.Cluster:
@@ -205,7 +209,7 @@ def _list_item(name: str) -> bytes:
 
 def build_listener(
     port: int,
-    route_name: str,
+    routes: hcm_pb2.Rds | hcm_pb2.ScopedRoutes,
     http: HttpRoute,
     options: Options,
     model_filters: Sequence[hcm_pb2.HttpFilter] = (),
@@ -215,7 +219,6 @@ def build_listener(
         stat_prefix=f"gateway_{port}",
         # one port for gRPC (HTTP/2) and REST (HTTP/1.1), as ModelMesh's own service
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name),
         http_filters=[
             _http_filter("envoy.filters.http.header_to_metadata", header_rules(http)),
             *model_filters,
@@ -233,6 +236,10 @@ def build_listener(
             _http_filter("envoy.filters.http.router", router_pb2.Router()),
         ],
     )
+    if isinstance(routes, hcm_pb2.Rds):
+        hcm.rds.CopyFrom(routes)
+    else:
+        hcm.scoped_routes.CopyFrom(routes)
     return listener_pb2.Listener(
         name=listener_name(options, port),
         address=_address(options.listen_address, port),

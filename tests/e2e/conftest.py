@@ -14,9 +14,10 @@ from tests.e2e.gwclient import Client
 pytestmark = pytest.mark.e2e
 
 
-@pytest_asyncio.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = Stack(tmp_path / "stack")
+@pytest_asyncio.fixture(params=["subset", "scale"])
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    """The whole stack, once per gateway strategy (``modelxds serve --strategy``)."""
+    s = Stack(tmp_path / "stack", serve_args=("--strategy", request.param))
     await s.start()
     try:
         yield s

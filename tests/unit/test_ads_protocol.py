@@ -30,13 +30,15 @@ from prometheus_client import REGISTRY
 
 from modelxds.xds import cache as cache_module
 from modelxds.xds.cache import SnapshotCache
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from modelxds.xds.server import AdsServer, Stream
 from tests.unit.xds_messages import assignment, cluster
 
 Request: TypeAlias = discovery_pb2.DiscoveryRequest
 Response: TypeAlias = discovery_pb2.DiscoveryResponse
 
+# The types these tests' configs have, in push order (no scoped routes)
+ORDER = [CLUSTER, ENDPOINT, LISTENER, ROUTE]
 WAIT = 1.0  # a response that should come
 QUIET = 0.2  # how long "nothing is sent" is watched for
 
@@ -254,7 +256,7 @@ async def connect_all(env: Env, node_id: str = "gw-1") -> tuple[Gateway, dict[st
     gw.request(ROUTE, ["models"])
     got[ROUTE] = await gw.recv()
     gw.ack(got[ROUTE], ["models"])
-    assert [r.type_url for r in got.values()] == list(PUSH_ORDER)
+    assert [r.type_url for r in got.values()] == ORDER
     await gw.expect_nothing()
     return gw, got
 
@@ -290,7 +292,7 @@ async def test_first_push_follows_push_order_whatever_the_request_order(env: Env
     await gw.expect_nothing()
 
     env.cache.set(make_config())
-    assert await gw.recv_types(4) == list(PUSH_ORDER)
+    assert await gw.recv_types(4) == ORDER
     await gw.expect_nothing()
 
 
@@ -461,7 +463,9 @@ async def test_eds_sends_only_the_named_resources(env: Env) -> None:
     gw.ack(second, ["model-c", "model-b"])
     await gw.expect_nothing()
 
-    # A change to an endpoint the gateway did not ask for is still a new version.
+    # A change to an endpoint the gateway did not ask for is still a new version, to
+    # ACK; what it holds did not change, so it comes without resources (a gateway keeps
+    # the EDS and RDS resources a response leaves out).
     env.cache.set(
         make_config(
             clusters={"model-a": 1, "model-b": 1, "model-c": 1},
@@ -469,8 +473,43 @@ async def test_eds_sends_only_the_named_resources(env: Env) -> None:
         )
     )
     third = await gw.recv()
-    assert names_in(third) == ["model-b", "model-c"]
+    assert names_in(third) == []
     assert third.version_info != second.version_info
+    gw.ack(third, ["model-c", "model-b"])
+
+    # Only what changed of what it asked for is sent.
+    env.cache.set(
+        make_config(
+            clusters={"model-a": 1, "model-b": 1, "model-c": 1},
+            endpoints={"model-a": 7, "model-b": 2, "model-c": 4},
+        )
+    )
+    fourth = await gw.recv()
+    assert names_in(fourth) == ["model-c"]
+    (cla,) = unpacked(fourth)
+    assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+    assert cla.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 4
+
+
+async def test_after_a_nack_the_next_version_sends_every_named_resource(env: Env) -> None:
+    """Envoy may have taken part of a rejected response: what it holds is unknown."""
+    endpoints = {"model-a": 1, "model-b": 2}
+    env.cache.set(make_config(clusters={"model-a": 1, "model-b": 1}, endpoints=endpoints))
+    gw = env.gateway()
+    gw.request(ENDPOINT, ["model-a", "model-b"])
+    gw.ack(await gw.recv(), ["model-a", "model-b"])
+    env.cache.set(
+        make_config(clusters={"model-a": 1, "model-b": 1}, endpoints={**endpoints, "model-b": 3})
+    )
+    rejected = await gw.recv()
+    assert names_in(rejected) == ["model-b"]
+    gw.nack(rejected, "bad endpoint", names=["model-a", "model-b"])
+    await gw.expect_nothing()
+
+    env.cache.set(
+        make_config(clusters={"model-a": 1, "model-b": 1}, endpoints={**endpoints, "model-b": 4})
+    )
+    assert names_in(await gw.recv()) == ["model-a", "model-b"]
 
 
 async def test_cds_response_resends_unchanged_eds(env: Env) -> None:
@@ -532,7 +571,7 @@ async def test_reconnect_cleans_up_and_gets_the_full_config_again(env: Env) -> N
     again.request(LISTENER, version=got[LISTENER].version_info)
     again.request(ROUTE, ["models"], version=got[ROUTE].version_info)
     responses = [await again.recv() for _ in range(4)]
-    assert [r.type_url for r in responses] == list(PUSH_ORDER)
+    assert [r.type_url for r in responses] == ORDER
     for r in responses:
         assert r.version_info == got[r.type_url].version_info
         assert unpacked(r) == unpacked(got[r.type_url])

@@ -81,6 +81,7 @@ def _same(got: MeshPlacement, want: MeshPlacement) -> None:
     assert dict(got.models) == dict(want.models)
     assert dict(got.vmodels) == dict(want.vmodels)
     assert got.names_by_instance() == want.names_by_instance()
+    assert list(map(dict, got.routes)) == list(map(dict, want.routes))
     # the index may wake early for a stale entry, never late
     if want.next_transition_ms is not None:
         assert got.next_transition_ms is not None

@@ -10,14 +10,14 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from modelxds.xds import cache as cache_module
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot, encode_field
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE
 from tests.unit.xds_messages import assignment, cluster
 
 # ---------------------------------------------------------------------------- helpers
@@ -29,13 +29,18 @@ def config(
     clusters: dict[str, int] | None = None,
     endpoints: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, dict[str, Message]]:
-    """A full four-type config. clusters: name -> connect timeout; endpoints: name -> ports."""
+    """A full config, every type. clusters: name -> connect timeout; endpoints: name -> ports."""
     clusters = {"model-a": 1} if clusters is None else clusters
     endpoints = {"model-a": (8033,)} if endpoints is None else endpoints
     return {
         CLUSTER: {n: cluster(n, t) for n, t in clusters.items()},
         ENDPOINT: {n: assignment(n, *ports) for n, ports in endpoints.items()},
         LISTENER: {"ingress": listener_pb2.Listener(name="ingress")},
+        SCOPED_ROUTE: {
+            "scope": scoped_route_pb2.ScopedRouteConfiguration(
+                name="scope", route_configuration_name="models"
+            )
+        },
         ROUTE: {"models": route_pb2.RouteConfiguration(name="models")},
     }
 
@@ -111,7 +116,7 @@ def test_version_is_a_content_hash_shared_by_replicas() -> None:
 def test_a_type_missing_from_the_config_is_served_empty() -> None:
     cache = SnapshotCache()
     cache.set(config())
-    assert cache.set({CLUSTER: config()[CLUSTER]}) == [ENDPOINT, LISTENER, ROUTE]
+    assert cache.set({CLUSTER: config()[CLUSTER]}) == [ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE]
     snap = cache.get(ENDPOINT)
     assert snap.version and snap.resources == {}
     resp = parse(snap.response(None, "n"))
@@ -153,6 +158,7 @@ def test_response_parses_into_the_configured_messages() -> None:
         CLUSTER: cluster_pb2.Cluster,
         ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
         LISTENER: listener_pb2.Listener,
+        SCOPED_ROUTE: scoped_route_pb2.ScopedRouteConfiguration,
         ROUTE: route_pb2.RouteConfiguration,
     }
     for type_url in PUSH_ORDER:
@@ -220,6 +226,34 @@ def test_body_is_built_once_and_only_the_nonce_differs(monkeypatch: pytest.Monke
     encoded.clear()
     snap.response(only_b, "4")
     assert encoded == [5]
+
+
+def test_a_message_set_again_keeps_its_bytes_without_serializing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = SnapshotCache()
+    resources = config(endpoints={"a": (1,), "b": (2,)})
+    cache.set(resources)
+    before = cache.get(ENDPOINT).resources
+
+    # The same objects again, but "b" replaced: only "b" is serialized, "a" keeps its
+    # very bytes (which lets a stream tell it apart from a change without comparing).
+    serialized: list[str] = []
+    real = cache_module.encode_field
+
+    def counting(number: int, payload: bytes) -> bytes:
+        if number == 1 and payload.endswith(b"ClusterLoadAssignment"):
+            serialized.append("eds")
+        return real(number, payload)
+
+    monkeypatch.setattr(cache_module, "encode_field", counting)
+    again = dict(resources)
+    again[ENDPOINT] = {"a": resources[ENDPOINT]["a"], "b": assignment("b", 3)}
+    assert cache.set(again) == [ENDPOINT]
+    after = cache.get(ENDPOINT).resources
+    assert after["a"] is before["a"]
+    assert after["b"] != before["b"]
+    assert serialized == ["eds"]
 
 
 def test_unchanged_set_keeps_the_built_body() -> None:

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
-from modelxds.placement.model import Placement, build_mesh
+from modelxds.placement.model import ROUTE_BUCKETS, Placement, build_mesh
 from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
@@ -28,7 +28,11 @@ OPTIONS = Options(descriptor_set=descriptor_set_bytes())
 KEY = "modelmesh.asm.alibabacloud.com"
 
 
-def _placement() -> Placement:
+def _placement(
+    buckets: int = ROUTE_BUCKETS, registry: dict[str, ModelRecord] | None = None
+) -> Placement:
+    """Three pods, a model on two, one loading, an orphan, an InferenceService mid-change.
+    ``registry``: model records to add or replace."""
     pods = {
         "7dd689-4zwqs": "100.96.35.150",
         "7dd689-k2x9p": "100.96.35.151",
@@ -47,6 +51,7 @@ def _placement() -> Placement:
             "orphan": ModelRecord(
                 instance_ids={"7dd689-gone00": NOW - 99_000}, failed_in={"7dd689-k2x9p": NOW - 5000}
             ),
+            **(registry or {}),
         },
         vmodels={
             "example-mnist-isvc": VModelRecord(
@@ -61,6 +66,7 @@ def _placement() -> Placement:
             for iid, ip in pods.items()
         },
         now_ms=NOW,
+        buckets=buckets,
     )
     return Placement({"modelmesh-serving": mesh}, revision=42)
 

@@ -1,42 +1,49 @@
-"""The "scale" translator: golden file for the seed policy, routes per model, fallbacks,
-and which xDS types a change touches."""
+"""The "scale" translator: golden file for the seed policy, routes per model in route
+tables per bucket, fallbacks, and which resources a change touches."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from types import MappingProxyType
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import matcher_pb2
 
-from modelxds.placement.model import Copies, Placement
+from modelxds.modelmesh import ModelRecord
+from modelxds.placement.model import BUCKET_HASH_MODULUS, Placement, route_bucket
 from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
-from modelxds.xds.scale import MODEL_HEADER, translate_scale
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
+from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, translate_scale
 from modelxds.xds.translate import translate
 from tests.unit.test_translate import (
     KEY,
+    NOW,
     OPTIONS,
     _check_golden,
-    _placement,
     several_headers_and_ports,
 )
+from tests.unit.test_translate import _placement as seed_placement
 
 FQDN = "modelmesh-serving.modelmesh-serving.svc.cluster.local"
 SERVICE = f"outbound|8033||{FQDN}"
 PODS = ("7dd689-4zwqs", "7dd689-k2x9p", "7dd689-p3r7q")
+# Route buckets in these tests: a readable golden file, and the seed's three names land
+# in three different ones (1, 2, 3), leaving bucket 0 empty.
+BUCKETS = 4
+
+
+def _placement(registry: dict[str, ModelRecord] | None = None) -> Placement:
+    return seed_placement(BUCKETS, registry)
 
 
 def _pod(iid: str, port: int = 8033) -> str:
@@ -53,10 +60,14 @@ def _policy(fallback: str = "ANY_ENDPOINT", default_subset: str = "") -> str:
     return text
 
 
-def _route_config(resources: Resources, name: str = "8008") -> route_pb2.RouteConfiguration:
+def _table(resources: Resources, name: str) -> route_pb2.RouteConfiguration:
     msg = resources[ROUTE][name]
     assert isinstance(msg, route_pb2.RouteConfiguration)
     return msg
+
+
+def _model_tables(resources: Resources, port: int = 8008) -> list[route_pb2.RouteConfiguration]:
+    return [_table(resources, f"{port}/{b}") for b in range(BUCKETS)]
 
 
 def _cluster(msg: Message) -> cluster_pb2.Cluster:
@@ -79,28 +90,40 @@ def _targets(route: route_components_pb2.Route) -> list[str]:
     return [route.route.cluster]
 
 
-def _routes(resources: Resources, config: str = "8008") -> dict[str, list[str]]:
-    matcher = _route_config(resources, config).virtual_hosts[0].matcher
+def _entries(table: route_pb2.RouteConfiguration) -> dict[str, matcher_pb2.Matcher.OnMatch]:
+    return dict(table.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map)
+
+
+def _routes(resources: Resources, port: int = 8008) -> dict[str, list[str]]:
+    """Every name's targets, over all of a listener's route tables."""
     return {
         name: _targets(_route(on_match))
-        for name, on_match in matcher.matcher_tree.exact_match_map.map.items()
+        for table in _model_tables(resources, port)
+        for name, on_match in _entries(table).items()
     }
 
 
-def _no_match(resources: Resources) -> list[str]:
-    return _targets(_route(_route_config(resources).virtual_hosts[0].matcher.on_no_match))
+def _no_match(table: route_pb2.RouteConfiguration) -> list[str]:
+    return _targets(_route(table.virtual_hosts[0].matcher.on_no_match))
 
 
 def _serialized(resources: Resources, type_url: str) -> dict[str, bytes]:
     return {n: m.SerializeToString(deterministic=True) for n, m in resources[type_url].items()}
 
 
-def _http_filters(resources: Resources, name: str = "0.0.0.0_8008") -> list[hcm_pb2.HttpFilter]:
+def _hcm(resources: Resources, name: str = "0.0.0.0_8008") -> hcm_pb2.HttpConnectionManager:
     listener = resources[LISTENER][name]
     assert isinstance(listener, listener_pb2.Listener)
     hcm = hcm_pb2.HttpConnectionManager()
     assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
-    return list(hcm.http_filters)
+    return hcm
+
+
+def _lua(resources: Resources, name: str = "0.0.0.0_8008") -> str:
+    lua = lua_pb2.Lua()
+    (found,) = [f for f in _hcm(resources, name).http_filters if f.name.endswith(".lua")]
+    assert found.typed_config.Unpack(lua)
+    return str(lua.default_source_code.inline_string)
 
 
 def test_seed_policy_golden() -> None:
@@ -110,15 +133,15 @@ def test_seed_policy_golden() -> None:
 def test_translation_is_deterministic() -> None:
     a = translate_scale(_placement(), default_policy(), OPTIONS)
     b = translate_scale(_placement(), default_policy(), OPTIONS)
-    for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+    for t in (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE):
         assert _serialized(a, t) == _serialized(b, t)
 
 
-def test_each_name_routes_to_exactly_its_routable_pods() -> None:
+def test_each_name_routes_to_exactly_its_routable_pods_from_its_buckets_table() -> None:
     placement = _placement()
     mesh = placement.meshes["modelmesh-serving"]
-    routes = _routes(translate_scale(placement, default_policy(), OPTIONS))
-    assert routes == {
+    resources = translate_scale(placement, default_policy(), OPTIONS)
+    assert _routes(resources) == {
         # the vmodel follows its active model, not the target that is still loading
         "example-mnist-isvc": [_pod("7dd689-4zwqs"), _pod("7dd689-k2x9p")],
         "mnist-svm__isvc-6b2eb0b8bf": [_pod("7dd689-4zwqs"), _pod("7dd689-k2x9p")],
@@ -126,13 +149,44 @@ def test_each_name_routes_to_exactly_its_routable_pods() -> None:
         "xgb__isvc-1a2b3c4d5e": [_pod("7dd689-p3r7q")],
         # "orphan" (a dead pod's copy and a failed load) has no route: fallback
     }
-    for name, clusters in routes.items():
+    for name, clusters in _routes(resources).items():
         assert clusters == [_pod(iid) for iid in mesh.routable(name)]
+        # the gateway's Lua filter sends a request for the name to this table only
+        assert name in _entries(_table(resources, f"8008/{route_bucket(name, BUCKETS)}"))
+
+
+def test_one_scope_per_bucket_and_one_for_requests_without_a_model() -> None:
+    resources = translate_scale(_placement(), default_policy(), OPTIONS)
+    names = [f"8008/{b}" for b in range(BUCKETS)] + ["8008/none"]
+    assert sorted(resources[SCOPED_ROUTE]) == sorted(names)
+    assert sorted(resources[ROUTE]) == sorted(names)
+    for name, scope in resources[SCOPED_ROUTE].items():
+        assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+        assert scope.route_configuration_name == name
+        assert [f.string_key for f in scope.key.fragments] == [name]
+    scoped = _hcm(resources).scoped_routes
+    assert not _hcm(resources).HasField("rds")
+    (fragment,) = scoped.scope_key_builder.fragments
+    assert fragment.header_value_extractor.name == SHARD_HEADER
+    assert scoped.scoped_rds.scoped_rds_config_source.HasField("ads")
+    assert scoped.rds_config_source.HasField("ads")
+
+
+def test_lua_filter_computes_route_bucket_and_routes_again() -> None:
+    script = _lua(translate_scale(_placement(), default_policy(), OPTIONS))
+    # the hash route_bucket computes, then the bucket count and the listener's scope prefix
+    assert f"h = (h * 31 + model:byte(i)) % {BUCKET_HASH_MODULUS}" in script
+    assert f"shard = tostring(h % {BUCKETS})" in script
+    assert f'headers:replace("{SHARD_HEADER}", "8008/" .. shard)' in script
+    # a client cannot pick the route itself: the model header is replaced or removed
+    assert f'headers:replace("{MODEL_HEADER}", model)' in script
+    assert f'headers:remove("{MODEL_HEADER}")' in script
+    assert script.rstrip().endswith("request:clearRouteCache()\nend")
 
 
 def test_per_model_routes_split_equally_and_never_time_out() -> None:
-    matcher = _route_config(translate_scale(_placement(), default_policy(), OPTIONS))
-    on_match = matcher.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map
+    resources = translate_scale(_placement(), default_policy(), OPTIONS)
+    on_match = {n: m for t in _model_tables(resources) for n, m in _entries(t).items()}
     action = _route(on_match["example-mnist-isvc"]).route
     assert [c.weight.value for c in action.weighted_clusters.clusters] == [1, 1]
     assert action.timeout.ToSeconds() == 0  # ModelMesh may hold a request while it loads
@@ -141,15 +195,19 @@ def test_per_model_routes_split_equally_and_never_time_out() -> None:
     assert one_copy.HasField("timeout") and one_copy.timeout.ToSeconds() == 0
 
 
-def test_retries_and_mm_balanced_are_set_once_on_the_virtual_host() -> None:
-    vhost = _route_config(translate_scale(_placement(), default_policy(), OPTIONS)).virtual_hosts[0]
-    subset = _route_config(translate(_placement(), default_policy(), OPTIONS))
+def test_retries_and_mm_balanced_are_set_once_on_each_virtual_host() -> None:
+    resources = translate_scale(_placement(), default_policy(), OPTIONS)
+    subset = translate(_placement(), default_policy(), OPTIONS)[ROUTE]["8008"]
+    assert isinstance(subset, route_pb2.RouteConfiguration)
     subset_route = subset.virtual_hosts[0].routes[0]
-    assert list(vhost.request_headers_to_add) == list(subset_route.request_headers_to_add)
-    retry = vhost.retry_policy
-    assert retry.retry_on == subset_route.route.retry_policy.retry_on
-    assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
-    assert not vhost.routes  # a matcher and a route list are exclusive
+    for table in resources[ROUTE].values():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        vhost = table.virtual_hosts[0]
+        assert list(vhost.request_headers_to_add) == list(subset_route.request_headers_to_add)
+        retry = vhost.retry_policy
+        assert retry.retry_on == subset_route.route.retry_policy.retry_on
+        assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+        assert not vhost.routes  # a matcher and a route list are exclusive
 
 
 def test_pod_clusters_are_static_with_the_other_pods_for_retries() -> None:
@@ -183,19 +241,38 @@ def test_retries_stay_on_the_pod_unless_any_endpoint_may_serve(fallback: str) ->
     assert len(pod.load_assignment.endpoints[0].lb_endpoints) == 1
 
 
-def test_placement_change_touches_only_routes() -> None:
+def test_placement_change_touches_only_the_tables_of_the_names_that_moved() -> None:
     before = translate_scale(_placement(), default_policy(), OPTIONS)
-    mesh = _placement().meshes["modelmesh-serving"]
-    # mnist unloads from one pod, xgb finishes loading and loads on a second pod
-    models = dict(mesh.models)
-    models["mnist-svm__isvc-6b2eb0b8bf"] = Copies(("7dd689-4zwqs",))
-    models["xgb__isvc-1a2b3c4d5e"] = Copies(("7dd689-k2x9p", "7dd689-p3r7q"))
-    moved = dataclasses.replace(mesh, models=MappingProxyType(models))
-    after = translate_scale(Placement({"modelmesh-serving": moved}), default_policy(), OPTIONS)
-    for t in (CLUSTER, ENDPOINT, LISTENER):
+    # mnist unloads from one pod (and so does its InferenceService), xgb finishes loading
+    # and loads on a second pod
+    moved = _placement(
+        {
+            "mnist-svm__isvc-6b2eb0b8bf": ModelRecord(instance_ids={"7dd689-4zwqs": NOW - 60_000}),
+            "xgb__isvc-1a2b3c4d5e": ModelRecord(
+                instance_ids={"7dd689-k2x9p": NOW - 60_000, "7dd689-p3r7q": NOW - 60_000}
+            ),
+        }
+    )
+    after = translate_scale(moved, default_policy(), OPTIONS)
+    for t in (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE):
         assert _serialized(after, t) == _serialized(before, t), t
-    assert _serialized(after, ROUTE) != _serialized(before, ROUTE)
+    old, new = _serialized(before, ROUTE), _serialized(after, ROUTE)
+    changed = {name for name in new if new[name] != old[name]}
+    names = ("example-mnist-isvc", "mnist-svm__isvc-6b2eb0b8bf", "xgb__isvc-1a2b3c4d5e")
+    assert changed == {f"8008/{route_bucket(n, BUCKETS)}" for n in names}
     assert _routes(after)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-k2x9p"), _pod("7dd689-p3r7q")]
+
+
+def test_an_unchanged_table_is_the_same_message_so_it_is_neither_serialized_nor_resent() -> None:
+    placement = _placement()
+    first = translate_scale(placement, default_policy(), OPTIONS)
+    again = translate_scale(placement, default_policy(), OPTIONS)
+    for name, table in first[ROUTE].items():
+        if not name.endswith("/none"):
+            assert again[ROUTE][name] is table, name
+    for name, cluster in first[CLUSTER].items():
+        if name != SERVICE:
+            assert again[CLUSTER][name] is cluster, name
 
 
 def test_pod_load_statistics_change_nothing() -> None:
@@ -207,38 +284,21 @@ def test_pod_load_statistics_change_nothing() -> None:
     }
     changed = dataclasses.replace(mesh, instances=MappingProxyType(busier))
     after = translate_scale(Placement({"modelmesh-serving": changed}), default_policy(), OPTIONS)
-    for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+    for t in (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE):
         assert _serialized(after, t) == _serialized(before, t), t
 
 
-def test_listener_keeps_the_subset_model_extraction_then_copies_it_into_a_header() -> None:
-    scale = _http_filters(translate_scale(_placement(), default_policy(), OPTIONS))
-    subset = _http_filters(translate(_placement(), default_policy(), OPTIONS))
+def test_listener_keeps_the_subset_model_extraction_then_runs_the_lua_filter() -> None:
+    scale = list(_hcm(translate_scale(_placement(), default_policy(), OPTIONS)).http_filters)
+    subset = list(_hcm(translate(_placement(), default_policy(), OPTIONS)).http_filters)
     assert [f.name for f in scale] == [
         "envoy.filters.http.header_to_metadata",
-        "envoy.filters.http.header_mutation",
         "envoy.filters.http.lua",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
     assert scale[0] == subset[0]  # same precedence: ModelMesh headers, VS headers, REST path
-    assert scale[3:] == subset[1:]
-    mutation = header_mutation_pb2.HeaderMutation()
-    assert scale[1].typed_config.Unpack(mutation)
-    steps = [
-        json_format.MessageToDict(m, preserving_proto_field_name=True)
-        for m in mutation.mutations.request_mutations
-    ]
-    assert steps == [
-        {"remove": MODEL_HEADER},  # a client cannot pick the route itself
-        {
-            "append": {
-                "header": {"key": MODEL_HEADER, "value": f"%DYNAMIC_METADATA(envoy.lb:{KEY})%"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        },
-    ]
-    assert "clearRouteCache()" in json.dumps(json_format.MessageToDict(scale[2]))
+    assert scale[2:] == subset[1:]
 
 
 @pytest.mark.parametrize(
@@ -254,8 +314,12 @@ def test_listener_keeps_the_subset_model_extraction_then_copies_it_into_a_header
 def test_fallback_follows_the_destination_rule(
     fallback: str, default_subset: str, expected: list[str]
 ) -> None:
-    policy = parse_policy(_policy(fallback, default_subset))
-    assert _no_match(translate_scale(_placement(), policy, OPTIONS)) == expected
+    resources = translate_scale(
+        _placement(), parse_policy(_policy(fallback, default_subset)), OPTIONS
+    )
+    for table in resources[ROUTE].values():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        assert _no_match(table) == expected, table.name
 
 
 def test_a_model_miss_and_a_request_without_model_can_fall_back_differently() -> None:
@@ -266,30 +330,25 @@ def test_a_model_miss_and_a_request_without_model_can_fall_back_differently() ->
         "        subsetSelectors:\n        - fallbackPolicy: NO_FALLBACK",
     )
     resources = translate_scale(_placement(), parse_policy(text), OPTIONS)
-    nested = _route_config(resources).virtual_hosts[0].matcher.on_no_match.matcher
-    (model_named,) = nested.matcher_list.matchers
-    assert model_named.predicate.single_predicate.input.name == "model"
-    assert _targets(_route(model_named.on_match)) == ["status 503"]
-    assert _targets(_route(nested.on_no_match)) == [SERVICE]
+    for table in _model_tables(resources):
+        assert _no_match(table) == ["status 503"]
+    assert _no_match(_table(resources, "8008/none")) == [SERVICE]
     # retries leave the pod only where any pod may serve a model: not under NO_FALLBACK
     pod = _cluster(resources[CLUSTER][_pod("7dd689-k2x9p")])
     assert [g.priority for g in pod.load_assignment.endpoints] == [0]
 
 
 def test_several_headers_and_ports() -> None:
-    text = several_headers_and_ports()
-    resources = translate_scale(_placement(), parse_policy(text), OPTIONS)
+    resources = translate_scale(_placement(), parse_policy(several_headers_and_ports()), OPTIONS)
     assert sorted(resources[LISTENER]) == ["0.0.0.0_8008", "0.0.0.0_9008"]
-    assert sorted(resources[ROUTE]) == ["8008", "9008"]
-    assert (
-        _route_config(resources, "8008").virtual_hosts[0]
-        == _route_config(resources, "9008").virtual_hosts[0]
+    # every listener takes every scope: the port in the key keeps the two apart
+    assert {n.split("/")[0] for n in resources[SCOPED_ROUTE]} == {"8008", "9008"}
+    assert _routes(resources, 8008) == _routes(resources, 9008)
+    assert 'headers:replace("x-modelxds-shard", "9008/" .. shard)' in _lua(
+        resources, "0.0.0.0_9008"
     )
-    mutation = header_mutation_pb2.HeaderMutation()
-    assert _http_filters(resources, "0.0.0.0_9008")[1].typed_config.Unpack(mutation)
-    # a later mutation overwrites an earlier one: the model key wins over the alias
-    values = [m.append.header.value for m in mutation.mutations.request_mutations[1:]]
-    assert values == ["%DYNAMIC_METADATA(envoy.lb:alias)%", f"%DYNAMIC_METADATA(envoy.lb:{KEY})%"]
+    # the model key first, then the VirtualService's other keys: the first present wins
+    assert f'local KEYS = {{"{KEY}", "alias"}}' in _lua(resources)
 
 
 def test_several_pod_ports_get_their_own_pod_clusters() -> None:
@@ -308,7 +367,7 @@ def test_several_pod_ports_get_their_own_pod_clusters() -> None:
         + [_pod(i, 8008) for i in PODS]
     )
     assert _routes(resources)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q")]
-    assert _routes(resources, "9008")["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q", 8008)]
+    assert _routes(resources, 9008)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q", 8008)]
 
 
 def test_empty_placement_sends_everything_to_the_fallback() -> None:
@@ -317,7 +376,8 @@ def test_empty_placement_sends_everything_to_the_fallback() -> None:
     cla = resources[ENDPOINT][SERVICE]
     assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
     assert list(cla.endpoints[0].lb_endpoints) == []
-    matcher = _route_config(resources).virtual_hosts[0].matcher
-    # Envoy rejects an empty exact_match_map: no tree at all, only on_no_match
-    assert not matcher.HasField("matcher_tree")
-    assert _no_match(resources) == [SERVICE]
+    for table in resources[ROUTE].values():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        # Envoy rejects an empty exact_match_map: no tree at all, only on_no_match
+        assert not table.virtual_hosts[0].matcher.HasField("matcher_tree")
+        assert _no_match(table) == [SERVICE]
