@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--strategy",
         "gateway config: 'subset' (one cluster, Envoy subset LB on endpoint metadata, as ASM) "
-        "or 'scale' (a cluster per pod, O(1) route matcher per model: for 10,000s of models)",
+        "or 'scale' (a cluster per pod, O(1) route matcher per model in scoped route "
+        "tables: for 10,000s of models)",
         choices=["subset", "scale"],
         default="subset",
     )

@@ -237,11 +237,17 @@ async def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         storage_dir=Path(args.storage).resolve(),
         pods=args.pods,
         node_capacity=args.models * args.copies // args.pods + 4,
+        gateway_workers=args.gateway_workers,
     )
     await stack.start()
     plain_port, plain_admin = processes.free_port(), processes.free_port()
     stack.processes.append(
-        processes.start_envoy("envoy-plain", plain_gateway(stack, plain_port, plain_admin), workdir)
+        processes.start_envoy(
+            "envoy-plain",
+            plain_gateway(stack, plain_port, plain_admin),
+            workdir,
+            concurrency=args.gateway_workers,
+        )
     )
     gateways = {"plain": f"127.0.0.1:{plain_port}", "subsets": stack.gateway}
     try:
@@ -381,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-t", default="60s", dest="duration", help="per mode, split over the rounds")
     p.add_argument("-jitter", action="store_true")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="Envoy --concurrency of both gateways: on a 2-core machine that also runs "
+        "the pods, a second worker only adds contention",
+    )
     p.add_argument("--protocols", default="rest,grpc")
     p.add_argument(
         "--tool",

@@ -40,8 +40,8 @@ from modelxds.policy import Policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.serve import strategy
 from modelxds.xds.bootstrap import bootstrap
-from modelxds.xds.cache import SnapshotCache
-from modelxds.xds.resources import PUSH_ORDER, Resources
+from modelxds.xds.cache import SnapshotCache, TypeSnapshot
+from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
 from modelxds.xds.server import AdsServer
 from modelxds.xds.translate import Options
 
@@ -70,6 +70,14 @@ class World:
         pods = self.rnd.sample(list(self.t["instances"]), 3)
         self.t["registry"][model_id] = ModelRecord(instance_ids=dict.fromkeys(pods, NOW - 600_000))
         self.changes.models.add(model_id)
+
+
+def _sent_bytes(before: TypeSnapshot, after: TypeSnapshot) -> int:
+    """What a gateway that had ``before`` is sent: every resource of a wildcard type,
+    only the changed ones of a named type (EDS, RDS)."""
+    if after.type_url in WILDCARD_TYPES:
+        return sum(map(len, after.resources.values()))
+    return sum(len(b) for n, b in after.resources.items() if before.resources.get(n) != b)
 
 
 def _rss_mb(pid: int) -> float:
@@ -123,13 +131,14 @@ async def envoy_run(
         apply, build, pushed = [], [], []
         for _ in range(pushes):
             world.move_one()
+            before = {t: cache.get(t) for t in PUSH_ORDER}
             t0 = time.perf_counter()
             changed = [t for t in cache.set(world.resources()) if cache.get(t).resources]
             t1 = time.perf_counter()
             await _acked(ads, cache, changed, 120)
             apply.append(time.perf_counter() - t1)
             build.append(t1 - t0)
-            pushed.append(sum(len(b) for t in changed for b in cache.get(t).resources.values()))
+            pushed.append(sum(_sent_bytes(before[t], cache.get(t)) for t in changed))
         return {
             "strategy": strategy_name,
             "models": models,

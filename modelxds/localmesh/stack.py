@@ -31,7 +31,8 @@ SEED_POD_PORT = 8033
 
 
 def pod_host(index: int) -> str:
-    return f"127.0.0.{11 + index}"
+    # 127.0.0.11 on, 200 a block: 500 pods for the scale benchmark stay on loopback
+    return f"127.0.{index // 200}.{11 + index % 200}"
 
 
 def pod_instance_id(index: int) -> str:
@@ -67,6 +68,7 @@ class Stack:
     # (runtime HTTP, runtime gRPC, node metrics) ports on each pod address; None: any free
     node_ports: tuple[int, int, int] | None = None
     lease_ttl: int = 10
+    gateway_workers: int = 2  # the gateway Envoy's --concurrency
     nodes: dict[str, processes.Process] = field(default_factory=dict)
     node_metrics_ports: dict[str, int] = field(default_factory=dict)
     layout: Layout = field(default_factory=Layout)
@@ -118,6 +120,7 @@ class Stack:
                     "envoy",
                     bootstrap(f"127.0.0.1:{self.xds_port}", "gateway-0", self.admin),
                     self.workdir,
+                    concurrency=self.gateway_workers,
                 )
             )
             await self._wait_gateway_listening()

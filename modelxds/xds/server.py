@@ -4,6 +4,11 @@ The server never computes config: it sends what the SnapshotCache holds. Per
 stream and per type it remembers what it sent (version, nonce, names) and what
 the gateway said about it. A NACK (a request carrying ``error_detail``) is
 recorded and the rejected version is not sent again; the next new version is.
+
+Wildcard types (CDS, LDS, SRDS) go whole: a resource left out is removed. For the
+named types (EDS, RDS) a gateway keeps what a response leaves out, so a new version
+carries only the resources that changed since this stream last had them: one route
+table of 257 when a model moves, under the scale strategy.
 """
 
 from __future__ import annotations
