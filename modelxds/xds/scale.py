@@ -116,7 +116,7 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
             )
             for name in shards:
                 scopes[name] = build_scope(name)
-            for name, bucket in zip(shards, d.mesh.routes, strict=False):
+            for name, bucket in zip(shards[:-1], d.mesh.routes, strict=True):
                 routes[name] = _REUSE.get(
                     (name, model_vhost, id(bucket), d.fqdn, d.port),
                     build_shard_table,
