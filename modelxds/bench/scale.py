@@ -106,16 +106,22 @@ async def _acked(ads: AdsServer, cache: SnapshotCache, types: list[str], timeout
     raise TimeoutError("Envoy did not ACK in time")
 
 
-async def envoy_run(
-    models: int, pods: int, strategy_name: str, concurrency: int, pushes: int, workdir: Path
-) -> dict[str, Any]:
-    world = World(models, pods, strategy_name, processes.free_port())
+async def _ads_server() -> tuple[SnapshotCache, AdsServer, grpc.aio.Server, int]:
+    """An ADS server on a free loopback port, as `modelxds serve` runs one."""
     cache = SnapshotCache()
     ads = AdsServer(cache)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
     server.add_generic_rpc_handlers([ads.handler()])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return cache, ads, server, port
+
+
+async def envoy_run(
+    models: int, pods: int, strategy_name: str, concurrency: int, pushes: int, workdir: Path
+) -> dict[str, Any]:
+    world = World(models, pods, strategy_name, processes.free_port())
+    cache, ads, server, port = await _ads_server()
     admin = f"127.0.0.1:{processes.free_port()}"
     envoy = processes.start_envoy(
         f"envoy-{strategy_name}-{concurrency}",
@@ -160,12 +166,7 @@ async def many_gateways(
 ) -> dict[str, Any]:
     """modelxds with ``gateways`` ADS clients that subscribe and ACK like Envoy."""
     world = World(models, pods, strategy_name, 8008)
-    cache = SnapshotCache()
-    ads = AdsServer(cache)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
-    server.add_generic_rpc_handlers([ads.handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    cache, ads, server, port = await _ads_server()
     cache.set(world.resources())
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]

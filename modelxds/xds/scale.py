@@ -72,6 +72,7 @@ from modelxds.xds.translate import (
     build_listener,
     cluster_name,
     destinations,
+    eds_cluster,
     http2_upstream,
     listener_name,
     model_keys,
@@ -219,17 +220,10 @@ def build_pod_cluster(
 
 
 def build_service_cluster(name: str, options: Options) -> cluster_pb2.Cluster:
-    """Every pod, for requests whose model no pod can be chosen for."""
-    return cluster_pb2.Cluster(
-        name=name,
-        # EDS: a pod joining or leaving updates hosts in place instead of replacing
-        # the cluster (and draining its connections)
-        type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
-        connect_timeout=_ms(options.connect_timeout_ms),
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
-        typed_extension_protocol_options=http2_upstream(),
-    )
+    """Every pod, for requests whose model no pod can be chosen for. EDS: a pod joining
+    or leaving updates hosts in place instead of replacing the cluster (and draining
+    its connections)."""
+    return eds_cluster(name, options)
 
 
 def build_service_endpoints(

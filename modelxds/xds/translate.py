@@ -149,16 +149,20 @@ def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_p
     )
     if dr.default_subset:
         subset.default_subset.update(dict(dr.default_subset))
+    cluster = eds_cluster(name, options)
+    cluster.lb_subset_config.CopyFrom(subset)
+    cluster.common_lb_config.update_merge_window.CopyFrom(_ms(options.update_merge_window_ms))
+    return cluster
+
+
+def eds_cluster(name: str, options: Options) -> cluster_pb2.Cluster:
+    """A destination service's pods over EDS, least request, gRPC upstream."""
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=_ms(options.connect_timeout_ms),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
-        lb_subset_config=subset,
-        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
-            update_merge_window=_ms(options.update_merge_window_ms)
-        ),
         typed_extension_protocol_options=http2_upstream(),
     )
 
