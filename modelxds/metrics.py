@@ -9,6 +9,12 @@ INVALID_RECORDS = Counter(
     "ModelMesh etcd values that could not be parsed and were skipped",
     ["table"],
 )
+IGNORED_FIELDS = Counter(
+    "modelxds_etcd_ignored_fields_total",
+    "Fields of ModelMesh etcd records with a value of the wrong type, read as their default "
+    "(the record was kept); counted once per key until its problems change",
+    ["table"],
+)
 WATCH_RESTARTS = Counter(
     "modelxds_etcd_watch_restarts_total",
     "Times the etcd watch was re-established (re-list), by reason",

@@ -9,10 +9,14 @@ from modelxds.modelmesh.keys import (
     litelinks_item,
 )
 from modelxds.modelmesh.records import (
+    MAX_VALUE_BYTES,
     PARSERS,
+    READERS,
+    ROUTING_FIELDS,
     InstanceRecord,
     LitelinksRecord,
     ModelRecord,
+    Parsed,
     Record,
     RecordError,
     VModelRecord,
@@ -21,16 +25,24 @@ from modelxds.modelmesh.records import (
     parse_litelinks,
     parse_model,
     parse_vmodel,
+    read_instance,
+    read_litelinks,
+    read_model,
+    read_vmodel,
 )
 
 __all__ = [
     "DEFAULT_ROOT_PREFIX",
     "DEFAULT_SERVICE_NAME",
+    "MAX_VALUE_BYTES",
     "PARSERS",
+    "READERS",
+    "ROUTING_FIELDS",
     "InstanceRecord",
     "Layout",
     "LitelinksRecord",
     "ModelRecord",
+    "Parsed",
     "Record",
     "RecordError",
     "Table",
@@ -42,4 +54,8 @@ __all__ = [
     "parse_litelinks",
     "parse_model",
     "parse_vmodel",
+    "read_instance",
+    "read_litelinks",
+    "read_model",
+    "read_vmodel",
 ]
