@@ -21,7 +21,7 @@ from aetcd import rpc
 
 from modelxds import metrics
 from modelxds.modelmesh import (
-    PARSERS,
+    READERS,
     InstanceRecord,
     Layout,
     LitelinksRecord,
@@ -30,13 +30,18 @@ from modelxds.modelmesh import (
     Table,
     VModelRecord,
 )
+from modelxds.placement.etcd import (
+    EtcdConnection,
+    EtcdSession,
+    check_connection,
+    describe,
+)
 from modelxds.placement.index import Changes, MeshIndex
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 5000
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one etcd transaction can carry many records
 
 
 class _Relist(Exception):
@@ -65,6 +70,8 @@ class MeshTables:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     litelinks: dict[str, LitelinksRecord] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)  # key -> why it was skipped
+    # key -> fields that were read as their default (record kept), and why
+    ignored: dict[str, str] = field(default_factory=dict)
     changes: Changes = field(default_factory=Changes)  # since the last snapshot
 
     def _table(self, table: Table) -> dict[str, object]:
@@ -85,19 +92,31 @@ class MeshTables:
         rows = self._table(table)
         if value is None:
             self.invalid.pop(key, None)
+            self.ignored.pop(key, None)
             return rows.pop(item, None) is not None
         try:
-            rows[item] = PARSERS[table](value)
+            got = READERS[table](value)
         except RecordError as e:
             # Drop what we had: routing on a stale copy of a record we can no longer
             # read would be a guess. Without it the model falls back to any pod.
             rows.pop(item, None)
+            self.ignored.pop(key, None)  # `invalid` says why, for the whole record
             if self.invalid.get(key) != str(e):
                 log.warning("skipping malformed %s record %s: %s", table.value, key, e)
                 metrics.INVALID_RECORDS.labels(table.value).inc()
             self.invalid[key] = str(e)
             return True
+        rows[item] = got.record
         self.invalid.pop(key, None)
+        if not got.problems:
+            self.ignored.pop(key, None)
+            return True
+        why = "; ".join(got.problems)
+        # A pod rewrites its instance record every few seconds: say it once, not each time.
+        if self.ignored.get(key) != why:
+            log.warning("%s record %s: ignoring %s", table.value, key, why)
+            metrics.IGNORED_FIELDS.labels(table.value).inc(len(got.problems))
+        self.ignored[key] = why
         return True
 
     def _note(self, table: Table, item: str) -> None:
@@ -114,13 +133,17 @@ class PlacementWatcher:
 
     def __init__(
         self,
-        endpoint: str,
+        connection: EtcdConnection | str,
         meshes: Sequence[tuple[str, Layout]],
         *,
         loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
         max_backoff: float = 10.0,
     ) -> None:
-        self.endpoint = endpoint.removeprefix("http://").removeprefix("https://")
+        """``connection``: how to reach etcd, or ``--etcd``'s plain URL(s)."""
+        if isinstance(connection, str):
+            connection = EtcdConnection.from_url(connection)
+        self.connection = connection
+        self._session = EtcdSession(connection)
         self.tables = [MeshTables(ns, layout) for ns, layout in meshes]
         self.loaded_after_ms = loaded_after_ms
         self._indexes = [MeshIndex(ns, loaded_after_ms) for ns, _ in meshes]
@@ -146,26 +169,35 @@ class PlacementWatcher:
     def invalid_records(self) -> dict[str, str]:
         return {k: v for t in self.tables for k, v in t.invalid.items()}
 
+    @property
+    def endpoint(self) -> str:
+        """The etcd endpoint in use (URL)."""
+        return self._session.endpoint.url
+
+    async def check(self, timeout: float = 3.0) -> None:
+        """Authenticate and read once, trying every endpoint: `EtcdUnavailable` if none works."""
+        prefix = self._prefixes[0][0].encode() if self._prefixes else b"\0"
+        await check_connection(self.connection, prefix, prefix_range_end(prefix), timeout=timeout)
+
     async def list_once(self) -> None:
         """Read every table once (no watch): for one-shot inspection."""
-        async with self._channel() as channel:
-            await self._list(rpc.KVStub(channel))
-
-    def _channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(
-            self.endpoint,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-            ],
-        )
+        for tries_left in reversed(range(len(self.connection.endpoints))):
+            async with self._session.open() as channel:
+                try:
+                    await self._list(rpc.KVStub(channel))
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if not tries_left or not _connection_failed(e):
+                        raise
+                    why = describe(e, self.connection, self._session.endpoint)
+                    log.warning("etcd %s: %s", self.endpoint, why)
+            self._session.rotate()
 
     async def run(self) -> None:
         """Keep the tables current until cancelled; never raises for etcd trouble."""
         backoff = 0.1
         while True:
-            channel = self._channel()
+            channel = self._session.open()
             try:
                 await self._list(rpc.KVStub(channel))
                 backoff = 0.1
@@ -174,7 +206,11 @@ class PlacementWatcher:
                 log.info("re-listing etcd: %s", e)
                 metrics.WATCH_RESTARTS.labels("compacted_or_cancelled").inc()
             except grpc.aio.AioRpcError as e:
-                log.warning("etcd %s: %s; retrying in %.1fs", self.endpoint, e.details(), backoff)
+                failed, why = self.endpoint, describe(e, self.connection, self._session.endpoint)
+                if _connection_failed(e):
+                    self._session.rotate()  # with one endpoint, the same one again
+                then = "" if self.endpoint == failed else f" with {self.endpoint}"
+                log.warning("etcd %s: %s; retrying%s in %.1fs", failed, why, then, backoff)
                 metrics.WATCH_RESTARTS.labels("rpc_error").inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
@@ -184,16 +220,17 @@ class PlacementWatcher:
     async def _list(self, kv: rpc.KVStub) -> None:
         revision = 0
         # known bad keys carry over, so a re-list does not log and count them again
-        fresh = [MeshTables(t.namespace, t.layout, invalid=dict(t.invalid)) for t in self.tables]
+        fresh = [
+            MeshTables(t.namespace, t.layout, invalid=dict(t.invalid), ignored=dict(t.ignored))
+            for t in self.tables
+        ]
         by_layout = {id(t): f for t, f in zip(self.tables, fresh, strict=True)}
         seen: set[bytes] = set()
         for prefix, tables in self._prefixes:
             start, end = prefix.encode(), prefix_range_end(prefix.encode())
             while True:
-                resp = await kv.Range(
-                    rpc.RangeRequest(key=start, range_end=end, limit=PAGE_SIZE, revision=revision),
-                    timeout=60,
-                )
+                req = rpc.RangeRequest(key=start, range_end=end, limit=PAGE_SIZE, revision=revision)
+                resp = await self._session.call(kv.Range, req, timeout=60)
                 revision = revision or resp.header.revision
                 for kv_ in resp.kvs:
                     seen.add(kv_.key)
@@ -204,13 +241,14 @@ class PlacementWatcher:
         # Swap in whole: a snapshot never mixes old and new listings.
         for t, f in zip(self.tables, fresh, strict=True):
             f.invalid = {k: v for k, v in f.invalid.items() if k.encode() in seen}
+            f.ignored = {k: v for k, v in f.ignored.items() if k.encode() in seen}
             t.registry, t.vmodels, t.instances, t.litelinks = (
                 f.registry,
                 f.vmodels,
                 f.instances,
                 f.litelinks,
             )
-            t.invalid = f.invalid
+            t.invalid, t.ignored = f.invalid, f.ignored
             # a re-list may have missed deletes: derive everything again from scratch
             t.changes = Changes()
             t.changes.all(t.registry, t.vmodels)
@@ -237,10 +275,14 @@ class PlacementWatcher:
             while True:
                 yield await requests.get()
 
-        async for resp in watch.Watch(outgoing()):
+        # The token is checked when each watch is created, not again for its events.
+        async for resp in watch.Watch(outgoing(), metadata=await self._session.metadata()):
             if resp.compact_revision:
                 raise _Relist(f"revision {self.revision + 1} compacted to {resp.compact_revision}")
             if resp.canceled:
+                if "permission denied" in resp.cancel_reason or "auth" in resp.cancel_reason:
+                    # how etcd refuses a watch whose token expired: the re-list re-authenticates
+                    self._session.forget_token()
                 raise _Relist(f"watch cancelled: {resp.cancel_reason or 'no reason given'}")
             if not 1 <= resp.watch_id <= len(self._prefixes):
                 continue
@@ -266,3 +308,8 @@ class PlacementWatcher:
         metrics.ETCD_REVISION.set(self.revision)
         if changed:
             self.changed.set()
+
+
+def _connection_failed(e: grpc.aio.AioRpcError) -> bool:
+    """The endpoint did not answer: another one may."""
+    return e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,9 +14,10 @@ import grpc
 import pytest
 import pytest_asyncio
 from aetcd import rpc
+from prometheus_client import REGISTRY
 
 from modelxds.localmesh.processes import free_port, start_etcd
-from modelxds.modelmesh import Layout, ModelRecord, Table, VModelRecord, encode
+from modelxds.modelmesh import InstanceRecord, Layout, ModelRecord, Table, VModelRecord, encode
 from modelxds.modelmesh.registrar import (
     PodRegistration,
     etcd_client,
@@ -23,7 +25,7 @@ from modelxds.modelmesh.registrar import (
     put_vmodel,
 )
 from modelxds.placement.model import MeshPlacement, Placement
-from modelxds.placement.watch import PlacementWatcher, _Relist
+from modelxds.placement.watch import MeshTables, PlacementWatcher, _Relist
 
 NS = "modelmesh-serving"
 MakePod = Callable[[Layout, str, str], PodRegistration]
@@ -349,3 +351,140 @@ async def test_watcher_recovers_when_etcd_restarts(tmp_path: Path, layout: Layou
         await reg.stop(revoke=False)
         await c.close()
         etcd.stop()
+
+
+# ---- fields of the wrong type outside routing: kept, reported once per key ----
+
+DEEP = b"[" * 100_000
+DEEP_OBJECT = b'{"a":' * 100_000
+DIGITS_5000 = b"7" * 5000
+
+
+def metric(name: str, table: str) -> float:
+    return REGISTRY.get_sample_value(f"modelxds_etcd_{name}_total", {"table": table}) or 0.0
+
+
+def test_ignored_fields_are_kept_reported_once_and_forgotten_on_delete(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="modelxds.placement.watch")
+    layout = Layout()
+    tables = MeshTables(NS, layout)
+    key = layout.key(Table.INSTANCES, "7dd689-aaaaa")
+    before = metric("ignored_fields", "instances")
+    bad_vers = b'{"startTime":1715000000001,"vers":"abc","rpm":37}'
+
+    for _ in range(3):  # a pod rewrites its record every few seconds
+        assert tables.apply(key, bad_vers) is True
+    assert tables.instances["7dd689-aaaaa"].rpm == 37  # the record is kept
+    assert tables.ignored == {key: "field 'vers': expected an integer, got str \"abc\""}
+    assert tables.invalid == {}
+    assert metric("ignored_fields", "instances") == before + 1
+    assert len([r for r in caplog.records if key in r.getMessage()]) == 1
+
+    # new problems are news: logged and counted again
+    tables.apply(key, b'{"startTime":1715000000001,"vers":"abc","rpm":1.5}')
+    assert "'rpm'" in tables.ignored[key]
+    assert metric("ignored_fields", "instances") == before + 3
+    assert len([r for r in caplog.records if key in r.getMessage()]) == 2
+
+    tables.apply(key, b'{"startTime":1715000000001,"vers":1715000000001}')  # clean again
+    assert tables.ignored == {}
+    tables.apply(key, bad_vers)
+    assert key in tables.ignored
+    tables.apply(key, None)
+    assert tables.ignored == {}
+    tables.apply(key, bad_vers)
+    tables.apply(key, b'{"startTime":"yesterday","vers":"abc"}')  # now the record is skipped
+    assert tables.ignored == {}
+    assert "startTime" in tables.invalid[key]
+    assert "7dd689-aaaaa" not in tables.instances
+
+
+def test_hostile_values_are_skipped_and_counted_never_raised() -> None:
+    layout = Layout()
+    tables = MeshTables(NS, layout)
+    before = metric("invalid_records", "registry")
+    for i, value in enumerate(
+        [
+            DEEP,
+            DEEP_OBJECT,
+            b'{"instanceIds":{"a":' + DIGITS_5000 + b"}}",
+            b'{"instanceIds":{"a":NaN}}',
+            b'{"instanceIds":{"a":1.7e12}}',
+            b"\xff\xfe",
+            b" " * (8 * 1024 * 1024),
+        ]
+    ):
+        assert tables.apply(layout.key(Table.REGISTRY, f"bad-{i}"), value) is True
+    assert len(tables.invalid) == 7
+    assert tables.registry == {}
+    assert metric("invalid_records", "registry") == before + 7
+
+
+# ---- with a real etcd ----
+
+
+async def test_hostile_values_in_etcd_do_not_stop_the_watch(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    bad = {
+        layout.key(Table.REGISTRY, "deep"): DEEP,
+        layout.key(Table.REGISTRY, "deep-object"): DEEP_OBJECT,
+        layout.key(Table.REGISTRY, "digits"): b'{"instanceIds":{"7dd689-aaaaa":'
+        + DIGITS_5000
+        + b"}}",
+        layout.key(Table.INSTANCES, "7dd689-deep0"): DEEP,
+        layout.key(Table.INSTANCES, "7dd689-digit"): b'{"startTime":' + DIGITS_5000 + b"}",
+    }
+    # a long number in a field routing does not read: the pod stays, the field is reported
+    odd_pod = layout.key(Table.INSTANCES, "7dd689-bbbbb")
+    before = {t: metric("invalid_records", t) for t in ("registry", "instances")}
+    ignored_before = metric("ignored_fields", "instances")
+    async with running(watcher_for(etcd_url, (NS, layout))) as w:
+        a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+        b = pods(layout, "7dd689-bbbbb", "10.9.0.2")
+        await a.register()
+        await b.register()
+        for key, value in bad.items():
+            await client.put(key.encode(), value)
+        await client.put(odd_pod.encode(), b'{"startTime":1,"vers":' + DIGITS_5000 + b"}")
+        # written after the bad values: seen only if the watch went on
+        await a.add_copy("m1", LONG_AGO)
+        await b.add_copy("m1", LONG_AGO)
+        snap = await eventually(
+            w,
+            in_mesh(lambda m: m.routable("m1") == ("7dd689-aaaaa", "7dd689-bbbbb")),
+            "m1 after the hostile values",
+        )
+        invalid = w.invalid_records()
+        assert set(bad) <= set(invalid)
+        assert "nested too deeply" in invalid[layout.key(Table.REGISTRY, "deep")]
+        assert "5000-digit" in invalid[layout.key(Table.INSTANCES, "7dd689-digit")]
+        assert metric("invalid_records", "registry") == before["registry"] + 3
+        assert metric("invalid_records", "instances") == before["instances"] + 2
+        assert "5000-digit" in w.tables[0].ignored[odd_pod]
+        assert metric("ignored_fields", "instances") == ignored_before + 1
+        mesh = snap.meshes[NS]
+        assert set(mesh.instances) == {"7dd689-aaaaa", "7dd689-bbbbb"}
+        assert not {"deep", "deep-object", "digits"} & set(mesh.models)
+
+
+async def test_relisting_does_not_report_known_ignored_fields_again(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+    await a.register()
+    key = layout.key(Table.INSTANCES, "7dd689-aaaaa")
+    await a.update_instance(InstanceRecord(start_time=LONG_AGO))
+    await client.put(key.encode(), b'{"startTime":1,"vers":"abc"}', lease=a.lease_id)
+    before = metric("ignored_fields", "instances")
+    w = watcher_for(etcd_url, (NS, layout))
+    await w.list_once()
+    await w.list_once()  # a re-list, as after a compaction
+    assert "'vers'" in w.tables[0].ignored[key]
+    assert metric("ignored_fields", "instances") == before + 1
+    assert set(w.snapshot().meshes[NS].instances) == {"7dd689-aaaaa"}
+    await client.delete(key.encode())
+    await w.list_once()
+    assert w.tables[0].ignored == {}

@@ -1,0 +1,468 @@
+"""modelxds against an etcd that wants mutual TLS and a password, as ModelMesh Serving sets up.
+
+One real etcd serves every test here: TLS with a server certificate for 127.0.0.1 and
+localhost, client certificates required (``--client-cert-auth``), authentication on
+(user root) and simple tokens that expire after 2 idle seconds. The certificates are
+made at test time; the client certificate's common name is not an etcd user, so only
+the password can authenticate us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aetcd import rpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from modelxds.localmesh import processes
+from modelxds.modelmesh import (
+    InstanceRecord,
+    Layout,
+    LitelinksRecord,
+    ModelRecord,
+    Table,
+    encode,
+)
+from modelxds.modelmesh.keys import litelinks_item
+from modelxds.placement.etcd import EtcdConnection, EtcdSession
+from modelxds.placement.watch import PlacementWatcher
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "tls-e2e-Pa55word"
+TOKEN_TTL_S = 2
+NS = "modelmesh-serving"
+LONG_AGO = int(time.time() * 1000) - 600_000  # a load that started long ago: loaded
+
+
+# ---- certificates -------------------------------------------------------------------
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _builder(
+    subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = _key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        _builder(name, subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _leaf(
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    name: str,
+    usage: list[x509.ObjectIdentifier],
+    names: list[x509.GeneralName] | None = None,
+) -> tuple[bytes, bytes]:
+    key = _key()
+    builder = _builder(name, ca[1].subject, key.public_key()).add_extension(
+        x509.ExtendedKeyUsage(usage), critical=False
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return _pkcs8(key), _pem(builder.sign(ca[0], hashes.SHA256()))
+
+
+@dataclass(frozen=True)
+class Certs:
+    folder: Path
+    ca: Path
+    other_ca: Path  # trusted by nobody here
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certs(folder: Path) -> Certs:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca = _ca("modelxds test CA")
+    server_key, server_cert = _leaf(
+        ca,
+        "etcd",
+        [ExtendedKeyUsageOID.SERVER_AUTH],
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    client_key, client_cert = _leaf(ca, "modelxds-test-client", [ExtendedKeyUsageOID.CLIENT_AUTH])
+    files = {
+        "ca.pem": _pem(ca[1]),
+        "other-ca.pem": _pem(_ca("someone else's CA")[1]),
+        "server.crt": server_cert,
+        "server.key": server_key,
+        "client.crt": client_cert,
+        "client.key": client_key,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return Certs(
+        folder,
+        ca=folder / "ca.pem",
+        other_ca=folder / "other-ca.pem",
+        server_cert=folder / "server.crt",
+        server_key=folder / "server.key",
+        client_cert=folder / "client.crt",
+        client_key=folder / "client.key",
+    )
+
+
+# ---- a TLS etcd with authentication ---------------------------------------------------
+
+
+@dataclass
+class SecureEtcd:
+    workdir: Path
+    port: int
+    peer_port: int
+    certs: Certs
+    proc: processes.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        c = self.certs
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.proc = processes.spawn(
+            "etcd-tls",
+            [
+                processes.binary("etcd"),
+                "--name",
+                "tls",
+                "--data-dir",
+                str(self.workdir / "data"),
+                "--listen-client-urls",
+                self.url,
+                "--advertise-client-urls",
+                self.url,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"tls={peer}",
+                "--cert-file",
+                str(c.server_cert),
+                "--key-file",
+                str(c.server_key),
+                "--trusted-ca-file",
+                str(c.ca),
+                "--client-cert-auth",
+                "--auth-token",
+                "simple",
+                "--auth-token-ttl",
+                str(TOKEN_TTL_S),
+                "--log-level",
+                "warn",
+            ],
+            self.workdir,
+        )
+        processes.wait_for_port(self.proc, "127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def etcdctl(self, *args: str) -> None:
+        c = self.certs
+        subprocess.run(
+            [
+                processes.binary("etcdctl"),
+                "--endpoints",
+                self.url,
+                "--cacert",
+                str(c.ca),
+                "--cert",
+                str(c.client_cert),
+                "--key",
+                str(c.client_key),
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd]:
+    workdir = tmp_path_factory.mktemp("etcd-tls")
+    server = SecureEtcd(
+        workdir, processes.free_port(), processes.free_port(), make_certs(workdir / "certs")
+    )
+    server.start()
+    try:
+        server.etcdctl("user", "add", "root", f"--new-user-password={PASSWORD}")
+        server.etcdctl("auth", "enable")
+        yield server
+    finally:
+        server.stop()
+
+
+def connection_file(etcd: SecureEtcd, folder: Path, root_prefix: str, **changes: str) -> Path:
+    """conn.json as ModelMesh Serving's secret holds it, with the PEM files beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for pem in ("ca.pem", "other-ca.pem", "client.crt", "client.key"):
+        (folder / pem).write_bytes((etcd.certs.folder / pem).read_bytes())
+    doc = {
+        "endpoints": etcd.url,
+        "userid": "root",
+        "password": PASSWORD,
+        "root_prefix": root_prefix,
+        "certificate_file": "ca.pem",
+        "client_key_file": "client.key",
+        "client_certificate_file": "client.crt",
+        **changes,
+    }
+    path = folder / "conn.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def session(connection: EtcdConnection) -> AsyncIterator[EtcdSession]:
+    s = EtcdSession(connection)
+    channel = s.open()
+    try:
+        yield s
+    finally:
+        await channel.close()
+
+
+async def put(s: EtcdSession, key: str, value: bytes) -> None:
+    kv = rpc.KVStub(s.channel)
+    await s.call(kv.Put, rpc.PutRequest(key=key.encode(), value=value), timeout=10)
+
+
+async def write_pod_and_model(s: EtcdSession, layout: Layout, model: str) -> None:
+    """A live pod (litelinks + instance record) holding ``model``, as ModelMesh writes it."""
+    iid, host = "7dd689-tlsaa", "10.9.0.7"
+    started = int(time.time() * 1000)
+    reg = LitelinksRecord(hostname=host, instance_id=iid, port=8080, registration_time=started)
+    await put(s, layout.key(Table.LITELINKS, litelinks_item(host, 8080, started)), encode(reg))
+    await put(s, layout.key(Table.INSTANCES, iid), encode(InstanceRecord(start_time=started)))
+    record = ModelRecord(instance_ids={iid: LONG_AGO})
+    await put(s, layout.key(Table.REGISTRY, model), encode(record))
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MODELXDS_")}
+
+
+def modelxds(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelxds.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
+
+
+# ---- tests ----------------------------------------------------------------------------
+
+
+async def test_placement_reads_through_mutual_tls_and_authentication(
+    etcd: SecureEtcd, tmp_path: Path
+) -> None:
+    conn = connection_file(etcd, tmp_path / "secret", "rp-tls-placement")
+    async with session(EtcdConnection.from_file(conn)) as s:
+        await write_pod_and_model(s, Layout("rp-tls-placement"), "mnist__isvc-1")
+    # root_prefix comes from the connection file: no --root-prefix
+    out = modelxds("placement", "--etcd-connection", str(conn), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["namespaces"][NS]["models"]["mnist__isvc-1"]["loaded"] == ["7dd689-tlsaa"]
+    assert PASSWORD not in out.stdout + out.stderr
+
+
+async def test_serve_starts_and_serves_what_it_reads(etcd: SecureEtcd, tmp_path: Path) -> None:
+    conn = connection_file(etcd, tmp_path / "secret", "rp-tls-serve")
+    async with session(EtcdConnection.from_file(conn)) as s:
+        await write_pod_and_model(s, Layout("rp-tls-serve"), "served-model")
+    metrics = f"127.0.0.1:{processes.free_port()}"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modelxds.cli",
+                "serve",
+                "--etcd-connection",
+                str(conn),
+                "--xds-address",
+                f"127.0.0.1:{processes.free_port()}",
+                "--metrics-address",
+                metrics,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+    try:
+        deadline = time.monotonic() + 20
+        seen = ""
+        while f'modelxds_models{{namespace="{NS}"}} 1.0' not in seen:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.2)
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://{metrics}/metrics", timeout=2) as resp,
+            ):
+                seen = resp.read().decode()
+        text = log.read_text()
+        assert f"watching etcd {etcd.url}: {NS}=rp-tls-serve" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert PASSWORD not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"password": "not-the-password"}, "authentication failed for user 'root'"),
+        ({"certificate_file": "other-ca.pem"}, "TLS handshake failed: certificate verify failed"),
+    ],
+    ids=["wrong-password", "wrong-ca"],
+)
+def test_serve_fails_at_start_on_a_wrong_password_or_ca(
+    etcd: SecureEtcd, tmp_path: Path, change: dict[str, str], says: str
+) -> None:
+    conn = connection_file(etcd, tmp_path / "secret", "rp-tls-wrong", **change)
+    started = time.monotonic()
+    out = modelxds(
+        "serve",
+        "--etcd-connection",
+        str(conn),
+        "--xds-address",
+        f"127.0.0.1:{processes.free_port()}",
+        "--metrics-address",
+        "",
+        timeout=20,
+    )
+    assert out.returncode == 2, out.stderr
+    assert time.monotonic() - started < 10
+    assert f"etcd {etcd.url}: {says}" in out.stderr
+    errors = [line for line in out.stderr.splitlines() if " ERROR modelxds" in line]
+    assert len(errors) == 1, out.stderr  # one clear line
+    for secret in (PASSWORD, "not-the-password"):
+        assert secret not in out.stdout + out.stderr
+
+
+async def test_watcher_outlives_its_auth_token(
+    etcd: SecureEtcd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = Layout("rp-tls-token")
+    connection = EtcdConnection.from_file(connection_file(etcd, tmp_path / "secret", "x"))
+    watcher = PlacementWatcher(connection, [(NS, layout)], loaded_after_ms=0, max_backoff=0.5)
+
+    async def sees(model: str) -> None:
+        while model not in watcher.snapshot().meshes[NS].models:
+            watcher.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watcher.changed.wait(), 0.25)
+
+    caplog.set_level(logging.INFO, logger="modelxds.placement")
+    task = asyncio.create_task(watcher.run())
+    try:
+        async with session(connection) as writer:
+            other = PlacementWatcher(connection, [(NS, layout)])
+            await asyncio.wait_for(watcher.synced.wait(), 10)
+            await other.list_once()
+            await asyncio.sleep(TOKEN_TTL_S + 1)  # both tokens idle: expired
+            await write_pod_and_model(writer, layout, "after-expiry")
+            await asyncio.wait_for(sees("after-expiry"), 5)
+            assert "authenticating again" not in caplog.text  # the open watch goes on
+
+            # A unary call with the expired token: etcd refuses it, we authenticate again.
+            await other.list_once()
+            assert "auth token expired; authenticating again" in caplog.text
+            assert "after-expiry" in other.snapshot().meshes[NS].models
+
+            # etcd restarts: simple tokens are gone, the stream breaks, the watcher
+            # re-lists with a token etcd no longer knows, and authenticates again.
+            caplog.clear()
+            etcd.stop()
+            etcd.start()
+            writer.forget_token()
+            await write_pod_and_model(writer, layout, "after-restart")
+            await asyncio.wait_for(sees("after-restart"), 10)
+            assert "authenticating again" in caplog.text
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert PASSWORD not in caplog.text
+
+
+async def test_a_dead_endpoint_is_left_for_the_next(etcd: SecureEtcd, tmp_path: Path) -> None:
+    dead = f"https://127.0.0.1:{processes.free_port()}"
+    conn = connection_file(
+        etcd, tmp_path / "secret", "rp-tls-rotate", endpoints=f"{dead},{etcd.url}"
+    )
+    connection = EtcdConnection.from_file(conn)
+    layout = Layout("rp-tls-rotate")
+    watcher = PlacementWatcher(connection, [(NS, layout)], max_backoff=0.2)
+    await watcher.check()  # the start-up check tries every endpoint
+    await watcher.list_once()
+    assert watcher.endpoint == etcd.url
+    watcher = PlacementWatcher(connection, [(NS, layout)], max_backoff=0.2)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(watcher.synced.wait(), 5)
+        assert watcher.endpoint == etcd.url
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
