@@ -11,10 +11,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 import yaml
 
 from modelxds.modelmesh import DEFAULT_ROOT_PREFIX, DEFAULT_SERVICE_NAME, Layout
+from modelxds.placement.etcd import EtcdConfigError, EtcdConnection
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
+from modelxds.policy.model import REST_PORT_ANNOTATION
+from modelxds.xds.translate import RestMode
 
 DEFAULT_NAMESPACE = "modelmesh-serving"
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -42,12 +46,28 @@ def _add(p: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
 
 
 def _etcd_flags(p: argparse.ArgumentParser) -> None:
-    _add(p, "--etcd", "etcd endpoint URL", default=DEFAULT_ETCD)
+    # no argparse default: an explicit --etcd must be told apart from the default
+    shown = "" if _env("--etcd") in os.environ else f" (default: {DEFAULT_ETCD})"
+    _add(
+        p,
+        "--etcd",
+        "etcd endpoint URL(s), comma-separated; http:// is plaintext, https:// is TLS with "
+        f"the system's CAs{shown}",
+    )
+    _add(
+        p,
+        "--etcd-connection",
+        "etcd connection JSON file, as ModelMesh Serving keeps in its model-serving-etcd "
+        "secret (key etcd_connection): endpoints, userid/password, root_prefix, "
+        "certificate[_file], client_key[_file], client_certificate[_file], "
+        "override_authority; file names are relative to its folder. Not with --etcd",
+    )
     _add(
         p,
         "--root-prefix",
         "ModelMesh root prefix; repeat (or comma-separate in env) to watch several namespaces; "
-        f"'<RP>/mm_ns/<ns>' is namespace <ns> (default: {DEFAULT_ROOT_PREFIX})",
+        "'<RP>/mm_ns/<ns>' is namespace <ns> (default: the connection file's root_prefix, "
+        f"else {DEFAULT_ROOT_PREFIX})",
         action="append",
     )
     _add(p, "--namespace", "namespace of a root prefix without /mm_ns/", default=DEFAULT_NAMESPACE)
@@ -61,8 +81,34 @@ def _etcd_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def etcd_connection(args: argparse.Namespace) -> EtcdConnection:
+    """How to reach etcd, from ``--etcd`` or ``--etcd-connection``; exits 2 on bad input.
+
+    Also sets ``args.etcd`` to the endpoints, for messages that name etcd.
+    """
+    cached = vars(args).get("_etcd_connection")
+    if isinstance(cached, EtcdConnection):
+        return cached
+    try:
+        if args.etcd_connection and args.etcd:
+            raise EtcdConfigError(
+                "give --etcd or --etcd-connection (MODELXDS_ETCD or MODELXDS_ETCD_CONNECTION), "
+                "not both"
+            )
+        if args.etcd_connection:
+            connection = EtcdConnection.from_file(args.etcd_connection)
+        else:
+            connection = EtcdConnection.from_url(args.etcd or DEFAULT_ETCD)
+    except EtcdConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args._etcd_connection = connection
+    args.etcd = connection.display
+    return connection
+
+
 def _layouts(args: argparse.Namespace) -> list[tuple[str, Layout]]:
-    prefixes = args.root_prefix or [DEFAULT_ROOT_PREFIX]
+    prefixes = args.root_prefix or [etcd_connection(args).root_prefix or DEFAULT_ROOT_PREFIX]
     out = []
     for rp in prefixes:
         layout = Layout(rp, args.service_name)
@@ -102,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
         "tables: for 10,000s of models)",
         choices=["subset", "scale"],
         default="subset",
+    )
+    _add(
+        serve,
+        "--rest",
+        "KServe V2 REST: 'proxy' sends it to the holder's REST proxy (ModelMesh Serving's "
+        "rest-proxy, both JSON forms); 'transcode' turns it into gRPC at the gateway, for "
+        "meshes without the REST proxy (protobuf JSON 'contents' form only)",
+        choices=[m.value for m in RestMode],
+        default=RestMode.PROXY.value,
+    )
+    _add(
+        serve,
+        "--rest-port",
+        "the pods' REST proxy port, unless a VirtualService's "
+        f"{REST_PORT_ANNOTATION} annotation names another",
+        type=int,
+        default=8008,
     )
     _add(serve, "--xds-address", "ADS gRPC listen address HOST:PORT", default=DEFAULT_XDS)
     _add(
@@ -208,14 +271,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(serve(args, _layouts(args)))
 
 
+def _why(e: BaseException, args: argparse.Namespace) -> str:
+    """An etcd failure in one line: the settings to check, never a secret."""
+    from modelxds.placement.etcd import describe
+
+    if isinstance(e, grpc.aio.AioRpcError):
+        return describe(e, etcd_connection(args))
+    if isinstance(e, TimeoutError):
+        return "no answer within 30 s"
+    return str(e)
+
+
 async def _placement(args: argparse.Namespace) -> int:
     from modelxds.placement.watch import PlacementWatcher
 
-    watcher = PlacementWatcher(args.etcd, _layouts(args), loaded_after_ms=args.loaded_after_ms)
+    watcher = PlacementWatcher(
+        etcd_connection(args), _layouts(args), loaded_after_ms=args.loaded_after_ms
+    )
     try:
         await asyncio.wait_for(watcher.list_once(), 30)
     except Exception as e:
-        print(f"error: cannot read etcd at {args.etcd}: {e}", file=sys.stderr)
+        print(f"error: cannot read etcd at {args.etcd}: {_why(e, args)}", file=sys.stderr)
         return 1
     report = placement_report(watcher.snapshot(), watcher.invalid_records())
     if args.json:
@@ -241,7 +317,16 @@ async def _mesh(args: argparse.Namespace) -> int:
         except isvc.InferenceServiceError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        client = etcd_client(args.etcd)
+        connection = etcd_connection(args)
+        endpoint = connection.endpoints[0]
+        if len(connection.endpoints) != 1 or endpoint.tls or connection.userid:
+            print(
+                "error: mesh apply writes to the local mesh's own etcd, one plaintext "
+                "endpoint without authentication: give --etcd http://HOST:PORT",
+                file=sys.stderr,
+            )
+            return 2
+        client = etcd_client(endpoint.url)
         try:
             await client.connect()
             for service in services:
@@ -249,11 +334,11 @@ async def _mesh(args: argparse.Namespace) -> int:
         finally:
             await client.close()
         return 0
-    watcher = PlacementWatcher(args.etcd, layouts, loaded_after_ms=args.loaded_after_ms)
+    watcher = PlacementWatcher(etcd_connection(args), layouts, loaded_after_ms=args.loaded_after_ms)
     try:
         await asyncio.wait_for(watcher.list_once(), 30)
     except Exception as e:
-        print(f"error: cannot read etcd at {args.etcd}: {e}", file=sys.stderr)
+        print(f"error: cannot read etcd at {args.etcd}: {_why(e, args)}", file=sys.stderr)
         return 1
     (ns, _) = layouts[0]
     rows = isvc.status_rows(watcher.tables[0].vmodels, watcher.snapshot().meshes[ns])

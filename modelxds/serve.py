@@ -21,7 +21,7 @@ from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller, Translator
 from modelxds.xds.server import AdsServer
-from modelxds.xds.translate import Options, translate
+from modelxds.xds.translate import Options, RestMode, translate
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,17 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     except PolicyError as e:
         log.error("invalid policy:\n%s", e)
         return 2
-    watcher = PlacementWatcher(args.etcd, layouts, loaded_after_ms=args.loaded_after_ms)
+    from modelxds.cli import etcd_connection
+    from modelxds.placement.etcd import EtcdUnavailable
+
+    watcher = PlacementWatcher(etcd_connection(args), layouts, loaded_after_ms=args.loaded_after_ms)
+    try:
+        await watcher.check(timeout=3.0)
+    except EtcdUnavailable as e:
+        if e.fatal:  # a wrong password or CA fails now, not as endless retries later
+            log.error("%s", e)
+            return 2
+        log.warning("%s; serving anyway, retrying in the background", e)
     cache = SnapshotCache()
     ads = AdsServer(cache)
     controller = Controller(
@@ -53,6 +63,8 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
             descriptor_set=descriptor_set_bytes(),
             listen_address=args.listen_address,
             update_merge_window_ms=args.update_merge_window_ms,
+            rest=RestMode(args.rest),
+            rest_port=args.rest_port,
         ),
         quiet=args.debounce_quiet_ms / 1000,
         max_delay=args.debounce_max_ms / 1000,

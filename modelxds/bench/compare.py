@@ -32,7 +32,6 @@ from typing import Any
 from modelxds.bench.common import machine, write_result
 from modelxds.bench.load import LoadSpec, parse_duration, run
 from modelxds.bench.stats import duration_histogram, percentiles_ms, summary_line
-from modelxds.kserve import DESCRIPTOR_SET_PATH, SERVICE_NAME
 from modelxds.localmesh import processes
 from modelxds.localmesh.client import SEED_BODY, SEED_REQUEST
 from modelxds.localmesh.stack import Stack, pod_host, wait_until
@@ -43,7 +42,10 @@ GRPC_BODY = json.dumps({"model_name": "{model}", **SEED_REQUEST}).encode()
 
 
 def plain_gateway(stack: Stack, port: int, admin_port: int) -> dict[str, Any]:
-    """Envoy bootstrap of a gateway without dynamic subsets: round robin over the pods."""
+    """Envoy bootstrap of a gateway without dynamic subsets, as a Kubernetes Service is:
+    round robin over the pods, gRPC to their gRPC port and REST to their REST proxy (the
+    path the modelxds gateway takes too, so the two differ only in the pod chosen)."""
+    router = {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -55,41 +57,45 @@ def plain_gateway(stack: Stack, port: int, admin_port: int) -> dict[str, Any]:
                     "name": "plain",
                     "domains": ["*"],
                     "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": "pods", "timeout": "0s"}}
+                        {
+                            "match": {"prefix": "/", "grpc": {}},
+                            "route": {"cluster": "pods", "timeout": "0s"},
+                        },
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "pods-rest", "timeout": "0s"},
+                        },
                     ],
                 }
             ]
         },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.grpc_json_transcoder",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http"
-                    ".grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                    "proto_descriptor": str(DESCRIPTOR_SET_PATH),
-                    "services": [SERVICE_NAME],
-                    "print_options": {"preserve_proto_field_names": True},
-                    "convert_grpc_status": True,
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": router}],
     }
-    pods = [
-        {
-            "endpoint": {
-                "address": {
-                    "socket_address": {"address": pod_host(i), "port_value": stack.pod_port}
+    http2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+    def pods(name: str, pod_port: int, options: dict[str, Any]) -> dict[str, Any]:
+        endpoints = [
+            {
+                "endpoint": {
+                    "address": {"socket_address": {"address": pod_host(i), "port_value": pod_port}}
                 }
             }
+            for i in range(stack.pods)
+        ]
+        return {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "lb_policy": "ROUND_ROBIN",
+            "typed_extension_protocol_options": options,
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
         }
-        for i in range(stack.pods)
-    ]
+
     return {
         "node": {"id": "plain-gateway", "cluster": "bench"},
         "admin": {
@@ -113,23 +119,8 @@ def plain_gateway(stack: Stack, port: int, admin_port: int) -> dict[str, Any]:
                 }
             ],
             "clusters": [
-                {
-                    "name": "pods",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "lb_policy": "ROUND_ROBIN",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
-                            ".HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "pods",
-                        "endpoints": [{"lb_endpoints": pods}],
-                    },
-                }
+                pods("pods", stack.pod_port, http2),
+                pods("pods-rest", stack.rest_port, {}),
             ],
         },
     }

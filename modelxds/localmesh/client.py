@@ -23,13 +23,29 @@ SEED_REQUEST = {
     ]
 }
 SEED_BODY = json.dumps(SEED_REQUEST).encode()
+# the same request in the V2 REST protocol's own form, as tritonclient.http and KServe's
+# docs send it; ModelMesh Serving's REST proxy takes both
+SEED_DATA_REQUEST = {
+    "inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": SEED_INPUT}]
+}
 
 
-async def rest_seed(address: str, name: str) -> int:
-    """POST the seed's REST payload to ``/v2/models/<name>/infer``; the predicted digit."""
+def predicted_digit(doc: dict[str, Any]) -> int:
+    """The digit in a V2 REST infer response, in either JSON form of its tensor."""
+    out = doc["outputs"][0]
+    if "data" in out:
+        return int(out["data"][0])
+    return int(out["contents"]["int64_contents"][0])
+
+
+async def rest_seed(
+    address: str, name: str, request: dict[str, Any] = SEED_REQUEST, path: str = "/infer"
+) -> int:
+    """POST the seed's REST payload (``request``) to ``/v2/models/<name><path>``; the
+    predicted digit."""
     req = urllib.request.Request(
-        f"http://{address}/v2/models/{name}/infer",
-        data=SEED_BODY,
+        f"http://{address}/v2/models/{name}{path}",
+        data=json.dumps(request).encode(),
         headers={"content-type": "application/json"},
     )
 
@@ -39,7 +55,7 @@ async def rest_seed(address: str, name: str) -> int:
             return doc
 
     doc = await asyncio.to_thread(send)  # pods may run in this event loop: block a thread
-    return int(doc["outputs"][0]["contents"]["int64_contents"][0])
+    return predicted_digit(doc)
 
 
 async def triton_grpc(address: str, name: str, headers: dict[str, str] | None = None) -> Any:

@@ -10,6 +10,9 @@ Routing follows ModelMesh:
   compare-and-swap on its registry record, so concurrent misses load it exactly once,
   and the request waits for the load.
 
+Like a ModelMesh Serving pod it also serves KServe V2 REST on ``--rest-port`` (8008),
+through a REST proxy that calls this pod's own gRPC port (see restproxy.py).
+
     python -m modelxds.localmesh.node --host 127.0.0.11 --instance-id 7dd689-pod00 ...
 """
 
@@ -32,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.localmesh.restproxy import RestProxy
 from modelxds.localmesh.runtime import LoadError, MLServerRuntime
 from modelxds.modelmesh import (
     InstanceRecord,
@@ -101,10 +105,12 @@ class MeshNode:
         loaded_after_ms: int = 3000,
         lease_ttl: int = 10,
         leader: bool = False,
+        rest_port: int = 0,
     ) -> None:
         self.instance_id = instance_id
         self.host = host
         self.port = port
+        self.rest_port = rest_port  # ModelMesh Serving's REST proxy port; 0: none
         self.layout = layout
         self.runtime = runtime
         self.storage = storage
@@ -128,6 +134,7 @@ class MeshNode:
         self._placed: collections.Counter[str] = collections.Counter()  # loads under way
         self._vmodel_jobs: set[str] = set()  # "vmodel:target" transitions under way
         self._server: grpc.aio.Server | None = None
+        self._rest: RestProxy | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -136,6 +143,10 @@ class MeshNode:
         self._tasks.append(asyncio.create_task(self.watcher.run()))
         await asyncio.wait_for(self.watcher.synced.wait(), 30)
         self._refresh()
+        if self.rest_port:
+            # up before the gRPC port opens: whoever waits for that port gets REST as well
+            self._rest = RestProxy(self.host, self.rest_port, f"{self.host}:{self.port}")
+            await self._rest.start()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(self), server)
         server.add_insecure_port(f"{self.host}:{self.port}")
@@ -152,6 +163,8 @@ class MeshNode:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._rest is not None:
+            await self._rest.stop()
         if self._server is not None:
             await self._server.stop(1)
         with contextlib.suppress(Exception):
@@ -217,7 +230,37 @@ class MeshNode:
     async def infer(
         self, request: pb.ModelInferRequest, metadata: dict[str, str]
     ) -> pb.ModelInferResponse:
-        name = request.model_name or metadata.get("mm-vmodel-id") or metadata.get("mm-model-id")
+        model_id, target = await self._target(request.model_name, metadata)
+        self.in_flight[target] += 1
+        try:
+            if target == self.instance_id:
+                return await self._serve_here(model_id, request)
+            return await self._forward(target, request, metadata)
+        finally:
+            self.in_flight[target] -= 1
+
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, metadata: dict[str, str]
+    ) -> pb.ModelMetadataResponse:
+        """The runtime's metadata of the model, routed (and loaded on a miss) as an
+        inference is, but not counted as one: the counters count inferences."""
+        model_id, target = await self._target(request.name, metadata)
+        if target != self.instance_id:
+            response: pb.ModelMetadataResponse = await self._peer(target).ModelMetadata(
+                request, metadata=self._hop_headers(metadata), timeout=300
+            )
+            return response
+        self._serving[model_id] += 1  # not evicted while it answers
+        try:
+            await self.ensure_loaded(model_id)
+            return await self.runtime.metadata(model_id)
+        finally:
+            self._serving[model_id] -= 1
+
+    async def _target(self, name: str, metadata: dict[str, str]) -> tuple[str, str]:
+        """(model id, instance to serve it) for a request naming ``name`` (the body's
+        name first, then the headers'): placed by compare-and-swap on a miss."""
+        name = name or metadata.get("mm-vmodel-id") or metadata.get("mm-model-id") or ""
         if not name:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request names no model")
         model_id = self.resolve(name)
@@ -237,13 +280,7 @@ class MeshNode:
                 raise _Abort(
                     grpc.StatusCode.NOT_FOUND, f"model {name!r} is not registered"
                 ) from None
-        self.in_flight[target] += 1
-        try:
-            if target == self.instance_id:
-                return await self._serve_here(model_id, request)
-            return await self._forward(target, request, metadata)
-        finally:
-            self.in_flight[target] -= 1
+        return model_id, target
 
     async def _serve_here(
         self, model_id: str, request: pb.ModelInferRequest
@@ -265,6 +302,14 @@ class MeshNode:
     async def _forward(
         self, target: str, request: pb.ModelInferRequest, metadata: dict[str, str]
     ) -> pb.ModelInferResponse:
+        stub = self._peer(target)
+        self.metrics.forwarded.inc()
+        response: pb.ModelInferResponse = await stub.ModelInfer(
+            request, metadata=self._hop_headers(metadata), timeout=300
+        )
+        return response
+
+    def _peer(self, target: str) -> pb_grpc.GRPCInferenceServiceStub:
         inst = self.placement.instances.get(target)
         if inst is None:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, f"pod {target} is gone")
@@ -273,13 +318,12 @@ class MeshNode:
             channel = grpc.aio.insecure_channel(f"{inst.host}:{self.port}")
             self._channels.append(channel)
             stub = self._peers[target] = pb_grpc.GRPCInferenceServiceStub(channel)
-        self.metrics.forwarded.inc()
+        return stub
+
+    def _hop_headers(self, metadata: dict[str, str]) -> list[tuple[str, str]]:
         headers = [(k, v) for k, v in metadata.items() if k.startswith("mm-")]
         headers.append((FORWARDED_BY, self.instance_id))
-        response: pb.ModelInferResponse = await stub.ModelInfer(
-            request, metadata=headers, timeout=300
-        )
-        return response
+        return headers
 
     # ------------------------------------------------------------------ loading
 
@@ -475,7 +519,14 @@ class _Servicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        return pb.ModelMetadataResponse(name=request.name, platform="mlserver")
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        try:
+            return await self.node.model_metadata(request, metadata)
+        except _Abort as e:
+            await context.abort(e.code, e.message)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details() or "runtime error")
+        raise AssertionError("unreachable")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -486,6 +537,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--host", required=True, help="this pod's address, e.g. 127.0.0.11")
     p.add_argument("--port", type=int, default=8033, help="KServe V2 gRPC port")
+    p.add_argument(
+        "--rest-port",
+        type=int,
+        default=8008,
+        help="KServe V2 REST port (ModelMesh Serving's REST proxy); 0 disables it",
+    )
     p.add_argument("--instance-id", required=True)
     p.add_argument("--etcd", default="http://127.0.0.1:2379")
     p.add_argument("--root-prefix", default="modelmesh-serving")
@@ -542,6 +599,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         loaded_after_ms=args.loaded_after_ms,
         lease_ttl=args.lease_ttl,
         leader=args.leader,
+        rest_port=args.rest_port,
     )
     start_http_server(args.metrics_port, args.host, registry=node.metrics.registry)
     stop = asyncio.Event()

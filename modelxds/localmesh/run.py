@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from modelxds.localmesh import isvc
-from modelxds.localmesh.client import SEED_REQUEST
+from modelxds.localmesh.client import SEED_DATA_REQUEST, SEED_REQUEST
 from modelxds.localmesh.stack import SEED_GATEWAY_PORT, SEED_POD_PORT, Stack, wait_until
 
 SEED_ISVC = "example-mnist-isvc"
@@ -47,6 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _banner(stack: Stack) -> str:
     gw = f"127.0.0.1:{stack.gateway_port}"
     payload = json.dumps(SEED_REQUEST, separators=(",", ":"))
+    data_payload = json.dumps(SEED_DATA_REQUEST, separators=(",", ":"))
     pods = ", ".join(f"{iid}@{pod}" for iid, pod in stack.pod_addresses().items())
     return f"""
 modelxds local stack is up (logs in {stack.workdir}/)
@@ -56,9 +57,13 @@ modelxds local stack is up (logs in {stack.workdir}/)
   modelxds   xDS 127.0.0.1:{stack.xds_port}, metrics http://127.0.0.1:{stack.metrics_port}/metrics
   gateway    {gw} (REST and gRPC), admin http://{stack.admin}
 
-Try (the seed's request; the answer is 8):
+Try (the answer is 8): the V2 REST protocol's "data" form, as tritonclient.http sends it,
+  curl -s http://{gw}/v2/models/{SEED_ISVC}/infer -H 'content-type: application/json' \\
+    -d '{data_payload}'
+the seed's request (protobuf JSON "contents" form),
   curl -s http://{gw}/v2/models/{SEED_ISVC}/infer -H 'content-type: application/json' \\
     -d '{payload}'
+and
   .venv/bin/modelxds mesh status --etcd {stack.etcd_url}
   .venv/bin/modelxds placement --etcd {stack.etcd_url}
   .venv/bin/modelxds status --xds 127.0.0.1:{stack.xds_port}
@@ -99,7 +104,9 @@ async def main(
         admin_port=args.admin_port,
         metrics_port=args.metrics_port,
         etcd_port=args.etcd_port,
-        listen_address="0.0.0.0",
+        # not 0.0.0.0: the pods' REST proxies listen on the same port (8008) at their own
+        # loopback addresses, as pods do in a cluster
+        listen_address="127.0.0.1",
         runtime="mlserver",
         storage_dir=models,
         node_ports=(8080, 8081, 2112),

@@ -131,11 +131,21 @@ class MLServerRuntime:
         )
         shutil.rmtree(self.repo / model_id, ignore_errors=True)
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def _stub(self) -> pb_grpc.GRPCInferenceServiceStub:
         if self.stub is None:  # made here, in the event loop: start() may run in a thread
             self._channel = grpc.aio.insecure_channel(f"{self.host}:{self.grpc_port}")
             self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        response: pb.ModelInferResponse = await self.stub.ModelInfer(request, timeout=300)
+        return self.stub
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        response: pb.ModelInferResponse = await self._stub().ModelInfer(request, timeout=300)
+        return response
+
+    async def metadata(self, model_id: str) -> pb.ModelMetadataResponse:
+        """MLServer's metadata of a loaded model (its tensors, if its settings name them)."""
+        response: pb.ModelMetadataResponse = await self._stub().ModelMetadata(
+            pb.ModelMetadataRequest(name=model_id), timeout=30
+        )
         return response
 
     async def stop(self) -> None:

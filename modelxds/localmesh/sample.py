@@ -3,7 +3,8 @@
 It does no real inference. Each ModelInfer answer names the pod instance and the
 model that were hit, so `make run` and end-to-end tests can check which pod the
 gateway routed a request to, and the pod remembers the ModelMesh routing headers
-it last received so tests can check what the gateway sent.
+it last received so tests can check what the gateway sent. With a REST port it runs
+the same REST proxy in front of its gRPC port as a local mesh pod does.
 
     python -m modelxds.localmesh.sample --host 127.0.0.11 --port 8033 --instance-id 7dd689-4zwqs
 """
@@ -22,6 +23,8 @@ import grpc
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.localmesh.restproxy import RestProxy
+from modelxds.xds.bootstrap import join_address
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +39,21 @@ class SampleBackend:
     Pass ``port=0`` to let the OS choose; ``address`` reports the real port after start().
     """
 
-    def __init__(self, host: str, port: int, instance_id: str) -> None:
+    def __init__(self, host: str, port: int, instance_id: str, rest_port: int = 0) -> None:
         self.host = host
         self.port = port
+        self.rest_port = rest_port  # 0: no REST proxy
         self.instance_id = instance_id
         self.served: collections.Counter[str] = collections.Counter()
+        # ModelMetadata / ModelReady calls by model name: which pod a REST GET reached
+        self.inspected: collections.Counter[str] = collections.Counter()
         self.last_metadata: dict[str, str] = {}
         self._server: grpc.aio.Server | None = None
+        self._rest: RestProxy | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return join_address(self.host, self.port)
 
     async def start(self) -> None:
         if self._server is not None:
@@ -63,9 +70,15 @@ class SampleBackend:
         self.port = bound
         await server.start()
         self._server = server
+        if self.rest_port:
+            self._rest = RestProxy(self.host, self.rest_port, self.address)
+            await self._rest.start()
         log.info("sample backend %s listening on %s", self.instance_id, self.address)
 
     async def stop(self, grace: float = 0.5) -> None:
+        if self._rest is not None:
+            rest, self._rest = self._rest, None
+            await rest.stop()
         if self._server is None:
             return
         server, self._server = self._server, None
@@ -91,6 +104,7 @@ class _Servicer:
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        self._backend.inspected[request.name] += 1
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(
@@ -102,6 +116,7 @@ class _Servicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        self._backend.inspected[request.name] += 1
         return pb.ModelMetadataResponse(name=request.name, platform="sample")
 
     async def ModelInfer(
@@ -142,13 +157,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8033)
+    parser.add_argument("--rest-port", type=int, default=8008, help="REST proxy port (0: none)")
     parser.add_argument("--instance-id", required=True, help="pod name suffix, e.g. 7dd689-4zwqs")
     return parser.parse_args(argv)
 
 
 async def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    backend = SampleBackend(args.host, args.port, args.instance_id)
+    backend = SampleBackend(args.host, args.port, args.instance_id, args.rest_port)
     await backend.start()
 
     stopping = asyncio.Event()

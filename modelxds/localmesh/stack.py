@@ -28,6 +28,7 @@ from modelxds.xds.bootstrap import bootstrap
 
 SEED_GATEWAY_PORT = 8008
 SEED_POD_PORT = 8033
+SEED_REST_PORT = 8008  # ModelMesh Serving's REST proxy on every pod
 
 
 def pod_host(index: int) -> str:
@@ -52,6 +53,8 @@ class Stack:
     workdir: Path
     pods: int = 3
     pod_port: int = 0
+    # the pods' REST proxy; 0: ModelMesh's 8008 beside its 8033, else any free port
+    rest_port: int = 0
     gateway_port: int = 0
     xds_port: int = 0
     admin_port: int = 0
@@ -99,6 +102,13 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         pick = processes.free_port
         self.pod_port = self.pod_port or pick(pod_host(0))
+        if not self.rest_port:
+            # fixed ModelMesh ports (`make run`) get ModelMesh's REST port; tests get a
+            # free one, as they do for every other port
+            fixed = self.pod_port == SEED_POD_PORT
+            self.rest_port = SEED_REST_PORT if fixed else pick(pod_host(0))
+            while self.rest_port == self.pod_port:
+                self.rest_port = pick(pod_host(0))
         self.gateway_port = self.gateway_port or pick()
         self.xds_port, self.admin_port = self.xds_port or pick(), self.admin_port or pick()
         self.metrics_port, self.etcd_port = self.metrics_port or pick(), self.etcd_port or pick()
@@ -129,7 +139,9 @@ class Stack:
             raise
 
     async def add_pod(self, index: int, *, ttl: int = 10) -> PodRegistration:
-        backend = SampleBackend(pod_host(index), self.pod_port, pod_instance_id(index))
+        backend = SampleBackend(
+            pod_host(index), self.pod_port, pod_instance_id(index), self.rest_port
+        )
         await backend.start()
         reg = PodRegistration(self.etcd, self.layout, backend.instance_id, backend.host, ttl=ttl)
         await reg.register()
@@ -155,6 +167,8 @@ class Stack:
             host,
             "--port",
             str(self.pod_port),
+            "--rest-port",
+            str(self.rest_port),
             "--instance-id",
             iid,
             "--etcd",
@@ -209,6 +223,10 @@ class Stack:
                 out[name.split("{", 1)[0]] = float(value)
         return out
 
+    def rest_address(self, instance_id: str) -> str:
+        """host:port of a pod's KServe V2 REST proxy (sample or mesh node)."""
+        return f"{pod_host(int(instance_id.rsplit('pod', 1)[1]))}:{self.rest_port}"
+
     def pod_addresses(self) -> dict[str, str]:
         """instance id -> host:port of every pod, sample or mesh node."""
         ids = list(self.nodes) or [b.instance_id for b in self.backends]
@@ -250,6 +268,8 @@ class Stack:
                 f"127.0.0.1:{self.metrics_port}",
                 "--listen-address",
                 self.listen_address,
+                "--rest-port",
+                str(self.rest_port),
                 *self.serve_args,
             ],
             self.workdir,

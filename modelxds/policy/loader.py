@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from modelxds.policy.model import (
+    REST_PORT_ANNOTATION,
     DestinationRule,
     FallbackPolicy,
     HeaderToKey,
@@ -188,9 +189,11 @@ def _read_document(data: object, file: str, index: int, errors: list[str]) -> _D
     r = _Reader(f"{at} ({kind})")
     metadata = r.section(data, "metadata", "metadata", required=True)
     name, namespace = None, "default"
+    annotations: dict[str, Any] = {}
     if metadata is not None:
         name = r.string(metadata, "name", "metadata.name", required=True)
         namespace = r.string(metadata, "namespace", "metadata.namespace") or namespace
+        annotations = r.section(metadata, "annotations", "metadata.annotations") or {}
     if name is not None:
         r.where = f"{at} ({kind} {namespace}/{name})"
     api_version = data.get("apiVersion")
@@ -206,7 +209,8 @@ def _read_document(data: object, file: str, index: int, errors: list[str]) -> _D
         if kind == "DestinationRule":
             obj = _destination_rule(r, spec, name or "", namespace, source)
         else:
-            obj = _virtual_service(r, spec, name or "", namespace, source)
+            rest_port = _rest_port(r, annotations)
+            obj = _virtual_service(r, spec, name or "", namespace, source, rest_port)
     errors += r.errors
     return _Doc(kind, r.where, None if r.errors else obj)
 
@@ -268,8 +272,30 @@ def _destination_rule(
     )
 
 
+def _rest_port(r: _Reader, annotations: dict[str, Any]) -> int | None:
+    value = annotations.get(REST_PORT_ANNOTATION)
+    if value is None:
+        return None
+    # Kubernetes annotation values are strings; a bare YAML number is accepted too
+    text = value if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    if text is not None and text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    r.error(
+        f"metadata.annotations[{REST_PORT_ANNOTATION}]",
+        f'expected a port number 1-65535 as a string (e.g. "8008"), got {_describe(value)}',
+    )
+    return None
+
+
 def _virtual_service(
-    r: _Reader, spec: dict[str, Any], name: str, namespace: str, source: str
+    r: _Reader,
+    spec: dict[str, Any],
+    name: str,
+    namespace: str,
+    source: str,
+    rest_port: int | None = None,
 ) -> VirtualService:
     gateways = r.strings(spec, "gateways", "spec.gateways")
     hosts = r.strings(spec, "hosts", "spec.hosts")
@@ -281,7 +307,14 @@ def _virtual_service(
         route = _http_route(r, item, f"spec.http[{i}]", default_name=f"http-{i}")
         if route is not None:
             routes.append(route)
-    return VirtualService(name, namespace, gateways, hosts, tuple(routes), source)
+    for i, route in enumerate(routes):
+        if rest_port is not None and rest_port == route.destination_port:
+            r.error(
+                f"metadata.annotations[{REST_PORT_ANNOTATION}]",
+                f"the REST port {rest_port} is spec.http[{i}]'s gRPC destination port; "
+                "ModelMesh serves REST and gRPC on different ports",
+            )
+    return VirtualService(name, namespace, gateways, hosts, tuple(routes), source, rest_port)
 
 
 def _http_route(r: _Reader, item: object, path: str, *, default_name: str) -> HttpRoute | None:

@@ -10,6 +10,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# A VirtualService annotation: the port of the REST proxy beside each pod's gRPC port
+# (ModelMesh Serving's rest-proxy listens on 8008). Istio has no field for it, and the
+# seed's `spec` must stay as ASM users write it.
+REST_PORT_ANNOTATION = "modelxds.io/rest-port"
+
 
 class FallbackPolicy(enum.Enum):
     """What Envoy does when no endpoint carries the requested subset values."""
@@ -65,6 +70,8 @@ class VirtualService:
     hosts: tuple[str, ...]
     routes: tuple[HttpRoute, ...]
     source: str
+    # the pods' REST proxy port (annotation REST_PORT_ANNOTATION); None: the gateway's default
+    rest_port: int | None = None
 
 
 def resolve_host(host: str, namespace: str) -> str:

@@ -16,6 +16,11 @@ def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, i
     return host.strip("[]") or default_host, int(port)
 
 
+def join_address(host: str, port: int) -> str:
+    """(host, port) -> ``HOST:PORT``, an IPv6 host in brackets (``[::1]:8033``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def bootstrap(
     xds_address: str, node_id: str, admin_address: str, *, cluster: str = "modelxds-gateway"
 ) -> dict[str, Any]:

@@ -62,20 +62,30 @@ from modelxds.policy import FallbackPolicy, Policy
 from modelxds.xds.cache import encode_field
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 from modelxds.xds.translate import (
+    GRPC_NOT_FOUND,
+    GRPC_UNAVAILABLE,
     LB_NAMESPACE,
+    NO_HOLDER_HEADER,
     Destination,
     Options,
     _ads,
+    _header,
     _http_filter,
+    _lua,
     _ms,
     balanced_header,
     build_listener,
     cluster_name,
     destinations,
     eds_cluster,
+    error_body,
+    grpc_not_found,
     http2_upstream,
     listener_name,
     model_keys,
+    model_miss_policy,
+    no_model_route,
+    rest_match,
     retry_policy,
 )
 
@@ -98,32 +108,47 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
     scopes: dict[str, Message] = {}
     routes: dict[str, Message] = {}
     for d in destinations(placement, policy, options):
-        service = cluster_name(d.fqdn, d.port)
-        clusters[service] = build_service_cluster(service, options)
-        endpoints[service] = build_service_endpoints(service, d.mesh, d.port)
-        pods = {iid: pod_cluster_name(d.fqdn, d.port, iid) for iid in sorted(d.mesh.instances)}
-        clusters.update(pod_clusters(d, pods, options))
-        model_vhost = _virtual_host(d, model_miss_policy(d), service, pods)
-        no_model_vhost = _virtual_host(d, d.rule.fallback_policy, service, pods)
+        buckets = len(d.mesh.routes)
+        miss = model_miss_policy(d)
         for listen_port in d.http.ports:
-            shards = shard_names(listen_port, len(d.mesh.routes))
-            lua = route_by_model(model_keys(d.http), f"{listen_port}/", len(d.mesh.routes))
-            listeners[listener_name(options, listen_port)] = build_listener(
-                listen_port,
-                scoped_routes(listen_port),
-                d.http,
-                options,
-                [_http_filter("envoy.filters.http.lua", lua)],
+            lua = route_by_model(
+                model_keys(d.http),
+                shard_prefix(listen_port, rest=False),
+                shard_prefix(listen_port, rest=True) if d.rest_port is not None else None,
+                buckets,
             )
-            for name in shards:
-                scopes[name] = build_scope(name)
-            for name, bucket in zip(shards[:-1], d.mesh.routes, strict=True):
-                routes[name] = _REUSE.get(
-                    (name, model_vhost, id(bucket), d.fqdn, d.port),
-                    build_shard_table,
-                    *(name, model_vhost, bucket, d.fqdn, d.port),
-                )
-            routes[shards[-1]] = build_shard_table(shards[-1], no_model_vhost, {}, "", 0)
+            filters = [_http_filter("envoy.filters.http.lua", lua)]
+            if miss is FallbackPolicy.NO_FALLBACK:
+                filters.append(_http_filter("envoy.filters.http.lua", grpc_not_found()))
+            listeners[listener_name(options, listen_port)] = build_listener(
+                listen_port, scoped_routes(listen_port), d.http, options, filters
+            )
+        # gRPC to the pods' gRPC port; REST, unless transcoded, to their REST proxy
+        protocols = [(d.port, False)] + ([(d.rest_port, True)] if d.rest_port is not None else [])
+        for port, rest in protocols:
+            service = cluster_name(d.fqdn, port, rest=rest)
+            clusters[service] = build_service_cluster(service, options, http2=not rest)
+            endpoints[service] = build_service_endpoints(service, d.mesh, port)
+            pods = {
+                iid: pod_cluster_name(d.fqdn, port, iid, rest=rest)
+                for iid in sorted(d.mesh.instances)
+            }
+            clusters.update(pod_clusters(d, pods, port, options, http2=not rest))
+            model_vhost = _virtual_host(d, miss, service, pods, rest=rest)
+            no_model_vhost = _virtual_host(
+                d, d.rule.fallback_policy, service, pods, rest=rest, no_model=True
+            )
+            for listen_port in d.http.ports:
+                shards = shard_names(shard_prefix(listen_port, rest=rest), buckets)
+                for name in shards:
+                    scopes[name] = build_scope(name)
+                for name, bucket in zip(shards[:-1], d.mesh.routes, strict=True):
+                    routes[name] = _REUSE.get(
+                        (name, model_vhost, id(bucket), d.fqdn, port, rest),
+                        build_shard_table,
+                        *(name, model_vhost, bucket, d.fqdn, port, rest),
+                    )
+                routes[shards[-1]] = build_shard_table(shards[-1], no_model_vhost, {}, "", 0, rest)
     return {
         CLUSTER: clusters,
         ENDPOINT: endpoints,
@@ -160,32 +185,40 @@ class _Reuse:
 _REUSE = _Reuse()
 
 
-def shard_names(listen_port: int, buckets: int) -> list[str]:
-    """``<port>/<bucket>`` for each route bucket, then ``<port>/none``: the scope keys
-    and route table names of one listener. Scopes are one list for every listener (a
-    gateway takes them all), so the port keeps the listeners' apart."""
-    return [f"{listen_port}/{key}" for key in [*map(str, range(buckets)), NO_MODEL]]
+def shard_prefix(listen_port: int, *, rest: bool) -> str:
+    """``<port>/``, or ``<port>/rest/`` for REST sent to the pods' REST proxy: scopes are
+    one list for every listener (a gateway takes them all), so the port keeps the
+    listeners' apart, and REST names other clusters (the REST port's) than gRPC."""
+    return f"{listen_port}/rest/" if rest else f"{listen_port}/"
 
 
-def pod_cluster_name(fqdn: str, port: int, instance_id: str) -> str:
-    """``<instance id>.<namespace>:<port>``: short, because every route names up to three
-    of these and a gateway holds one route per model and InferenceService (40,000 at
-    20,000 models); an Istio-style ``outbound|port|subset|fqdn`` would double the RDS."""
-    return f"{instance_id}.{fqdn.split('.')[1]}:{port}"
+def shard_names(prefix: str, buckets: int) -> list[str]:
+    """``<prefix><bucket>`` for each route bucket, then ``<prefix>none``: the scope keys
+    and route table names of one listener and protocol."""
+    return [f"{prefix}{key}" for key in [*map(str, range(buckets)), NO_MODEL]]
+
+
+def pod_cluster_name(fqdn: str, port: int, instance_id: str, *, rest: bool = False) -> str:
+    """``<instance id>.<namespace>:<port>`` (``/rest`` for a REST proxy): short, because
+    every route names up to three of these and a gateway holds one route per model and
+    InferenceService (40,000 at 20,000 models); an Istio-style ``outbound|port|subset|fqdn``
+    would double the RDS."""
+    return f"{instance_id}.{fqdn.split('.')[1]}:{port}{'/rest' if rest else ''}"
 
 
 def pod_clusters(
-    d: Destination, pods: Mapping[str, str], options: Options
+    d: Destination, pods: Mapping[str, str], port: int, options: Options, *, http2: bool
 ) -> dict[str, cluster_pb2.Cluster]:
-    """Cluster name -> the pod's cluster, for ``pods`` (instance id -> cluster name)."""
+    """Cluster name -> the pod's cluster on ``port``, for ``pods`` (instance id -> cluster
+    name)."""
     failover = model_miss_policy(d) is FallbackPolicy.ANY_ENDPOINT
     # all a pod cluster uses of the pods: their load statistics change nothing
     addresses = tuple((iid, d.mesh.instances[iid].host) for iid in pods)
     return {
         name: _REUSE.get(
-            (name, iid, addresses, failover, d.port, options),
+            (name, iid, addresses, failover, port, http2, options),
             build_pod_cluster,
-            *(name, iid, addresses, failover, d.port, options),
+            *(name, iid, addresses, failover, port, http2, options),
         )
         for iid, name in pods.items()
     }
@@ -197,6 +230,7 @@ def build_pod_cluster(
     addresses: Sequence[Address],
     failover: bool,
     port: int,
+    http2: bool,
     options: Options,
 ) -> cluster_pb2.Cluster:
     """Pod ``iid`` at priority 0 and, with ``failover``, the other pods at priority 1 for
@@ -215,15 +249,15 @@ def build_pod_cluster(
         load_assignment=cla,
         connect_timeout=_ms(options.connect_timeout_ms),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,  # among the others
-        typed_extension_protocol_options=http2_upstream(),
+        typed_extension_protocol_options=http2_upstream() if http2 else {},
     )
 
 
-def build_service_cluster(name: str, options: Options) -> cluster_pb2.Cluster:
+def build_service_cluster(name: str, options: Options, *, http2: bool) -> cluster_pb2.Cluster:
     """Every pod, for requests whose model no pod can be chosen for. EDS: a pod joining
     or leaving updates hosts in place instead of replacing the cluster (and draining
     its connections)."""
-    return eds_cluster(name, options)
+    return eds_cluster(name, options, http2=http2)
 
 
 def build_service_endpoints(
@@ -246,14 +280,24 @@ def _add_endpoints(
 
 
 @lru_cache(maxsize=64)
-def route_by_model(keys: tuple[str, ...], prefix: str, buckets: int) -> lua_pb2.Lua:
+def route_by_model(
+    keys: tuple[str, ...], prefix: str, rest_prefix: str | None, buckets: int
+) -> lua_pb2.Lua:
     """The Lua filter: the model named in ``envoy.lb`` (set by header_to_metadata, the
-    first of ``keys`` present) -> the model header and the shard header (``prefix`` +
-    its route bucket), then route again.
+    first of ``keys`` present) -> the model header and the shard header (``prefix``, or
+    ``rest_prefix`` for a request that is not gRPC, + its route bucket), then route again.
 
     Envoy picks a route before the first HTTP filter runs and keeps it unless a filter
     clears that cache; no built-in filter does so for a header it sets.
     """
+    rest_choice = ""
+    if rest_prefix is not None:
+        # Envoy's own test for gRPC: the content type starts with application/grpc
+        rest_choice = f"""\
+  if (headers:get("content-type") or ""):sub(1, 16) ~= "application/grpc" then
+    prefix = {_lua_string(rest_prefix)}
+  end
+"""
     script = f"""\
 local KEYS = {{{", ".join(map(_lua_string, keys))}}}
 function envoy_on_request(request)
@@ -267,7 +311,8 @@ function envoy_on_request(request)
     end
   end
   local headers = request:headers()
-  local shard = "{NO_MODEL}"
+  local prefix = {_lua_string(prefix)}
+{rest_choice}  local shard = "{NO_MODEL}"
   if model == nil then
     headers:remove("{MODEL_HEADER}")
   else
@@ -278,11 +323,11 @@ function envoy_on_request(request)
     shard = tostring(h % {buckets})
     headers:replace("{MODEL_HEADER}", model)
   end
-  headers:replace("{SHARD_HEADER}", {_lua_string(prefix)} .. shard)
+  headers:replace("{SHARD_HEADER}", prefix .. shard)
   request:clearRouteCache()
 end
 """
-    return lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=script))
+    return _lua(script)
 
 
 def _lua_string(text: str) -> str:
@@ -315,7 +360,12 @@ def build_scope(name: str) -> scoped_route_pb2.ScopedRouteConfiguration:
 
 
 def build_shard_table(
-    name: str, vhost: bytes, bucket: Mapping[str, tuple[str, ...]], fqdn: str, port: int
+    name: str,
+    vhost: bytes,
+    bucket: Mapping[str, tuple[str, ...]],
+    fqdn: str,
+    port: int,
+    rest: bool,
 ) -> route_pb2.RouteConfiguration:
     """A shard's route table: the virtual host (``_virtual_host``) with a route for each
     name in ``bucket`` (name -> pods) in its matcher."""
@@ -328,24 +378,37 @@ def build_shard_table(
         tree.input.CopyFrom(_model_input())
         # joining cached entries and parsing them once beats filling the map entry by entry
         tree.exact_match_map.MergeFromString(
-            b"".join([_map_entry(n, pods, fqdn, port) for n, pods in bucket.items()])
+            b"".join([_map_entry(n, pods, fqdn, port, rest) for n, pods in bucket.items()])
         )
     return config
 
 
 def _virtual_host(
-    d: Destination, fallback: FallbackPolicy, service: str, pods: Mapping[str, str]
+    d: Destination,
+    fallback: FallbackPolicy,
+    service: str,
+    pods: Mapping[str, str],
+    *,
+    rest: bool,
+    no_model: bool = False,
 ) -> bytes:
     """A shard table's virtual host, serialized, before its names go in: what every
-    shard shares, with ``fallback`` for a request its names do not match."""
+    shard shares, with ``fallback`` for a request its names do not match. The table of
+    REST requests without a model sends the V2 API to ``fallback`` and answers anything
+    else 400, as the subset strategy's routes do."""
     vhost = route_components_pb2.VirtualHost(
         name=f"{d.vs.namespace}/{d.vs.name}",
         domains=list(d.vs.hosts) or ["*"],
         # once here rather than in each of 10,000s of routes
         retry_policy=failover_retry_policy(),
-        request_headers_to_add=[balanced_header()],
+        request_headers_to_add=[balanced_header(rest=rest)],
     )
-    vhost.matcher.on_no_match.CopyFrom(_fallback_action(fallback, d, service, pods))
+    route = _fallback_route(fallback, d, service, pods)
+    if rest and no_model:
+        route.match.CopyFrom(rest_match())
+        vhost.routes.extend([route, no_model_route(d.http)])
+    else:
+        vhost.matcher.on_no_match.CopyFrom(_route_on_match(route))
     serialized: bytes = vhost.SerializeToString(deterministic=True)
     return serialized
 
@@ -362,10 +425,10 @@ def failover_retry_policy() -> route_components_pb2.RetryPolicy:
 
 
 @lru_cache(maxsize=1 << 18)
-def _map_entry(name: str, holders: tuple[str, ...], fqdn: str, port: int) -> bytes:
+def _map_entry(name: str, holders: tuple[str, ...], fqdn: str, port: int, rest: bool) -> bytes:
     """``MatchMap.map`` (field 1) entry: key (field 1), value. Cached whole: most names
     keep their pods from one push to the next."""
-    clusters = tuple(pod_cluster_name(fqdn, port, i) for i in holders)
+    clusters = tuple(pod_cluster_name(fqdn, port, i, rest=rest) for i in holders)
     return encode_field(1, encode_field(1, name.encode()) + _on_match(clusters))
 
 
@@ -397,7 +460,7 @@ def _spread(clusters: tuple[str, ...]) -> route_components_pb2.RouteAction:
 
 
 def _route_action(action: route_components_pb2.RouteAction) -> matcher_pb2.Matcher.OnMatch:
-    return _route_on_match(route_components_pb2.Route(match=_ANY_PATH, route=action))
+    return _route_on_match(_any_path_route(action))
 
 
 def _route_on_match(route: route_components_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
@@ -411,21 +474,11 @@ def _route_on_match(route: route_components_pb2.Route) -> matcher_pb2.Matcher.On
 _ANY_PATH = route_components_pb2.RouteMatch(prefix="/")
 
 
-def model_miss_policy(d: Destination) -> FallbackPolicy:
-    """The fallback for a model no pod has: Envoy uses the selector whose keys are
-    exactly the request's (the model key), else the rule's own fallback."""
-    model_key = d.http.header_keys[0].key
-    return next(
-        (s.fallback_policy for s in d.rule.selectors if s.keys == (model_key,)),
-        d.rule.fallback_policy,
-    )
-
-
-def _fallback_action(
+def _fallback_route(
     policy: FallbackPolicy, d: Destination, service: str, pods: Mapping[str, str]
-) -> matcher_pb2.Matcher.OnMatch:
+) -> route_components_pb2.Route:
     if policy is FallbackPolicy.ANY_ENDPOINT:
-        return _route_action(
+        return _any_path_route(
             route_components_pb2.RouteAction(
                 cluster=service, timeout=duration_pb2.Duration(seconds=0)
             )
@@ -433,18 +486,32 @@ def _fallback_action(
     if policy is FallbackPolicy.DEFAULT_SUBSET:
         holders = default_subset_pods(d)
         if holders:
-            return _route_action(_spread(tuple(pods[i] for i in holders)))
-    # NO_FALLBACK, or an empty default subset: the subset load balancer finds no host
-    # and Envoy answers 503 (gRPC: UNAVAILABLE); so does this.
-    return _route_on_match(
-        route_components_pb2.Route(
-            match=_ANY_PATH,
-            direct_response=route_components_pb2.DirectResponseAction(
-                status=503,
-                body=base_pb2.DataSource(inline_string=f"no pod holds the model ({policy.value})"),
+            return _any_path_route(_spread(tuple(pods[i] for i in holders)))
+    # As the subset strategy answers: NO_FALLBACK with pods up is a model no pod holds
+    # (404, gRPC NOT_FOUND); no pod at all, or an empty default subset, is 503.
+    if policy is FallbackPolicy.NO_FALLBACK and d.mesh.instances:
+        status, body = (
+            404,
+            error_body(
+                "no pod holds this model and the DestinationRule's fallbackPolicy is NO_FALLBACK",
+                GRPC_NOT_FOUND,
             ),
         )
+        headers = [_header(NO_HOLDER_HEADER, "true")]
+    else:
+        status, body = 503, error_body(f"no pod can serve this ({policy.value})", GRPC_UNAVAILABLE)
+        headers = []
+    return route_components_pb2.Route(
+        match=_ANY_PATH,
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=status, body=base_pb2.DataSource(inline_string=body)
+        ),
+        response_headers_to_add=[_header("content-type", "application/json"), *headers],
     )
+
+
+def _any_path_route(action: route_components_pb2.RouteAction) -> route_components_pb2.Route:
+    return route_components_pb2.Route(match=_ANY_PATH, route=action)
 
 
 def default_subset_pods(d: Destination) -> list[str]:

@@ -11,10 +11,13 @@ DestinationRule says when none does.
 
 from __future__ import annotations
 
+import enum
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -22,13 +25,14 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
 from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import regex_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -42,9 +46,17 @@ LB_NAMESPACE = "envoy.lb"
 KSERVE_SERVICE = "inference.GRPCInferenceService"
 # Headers ModelMesh itself routes by: a gateway that understands them needs no extra header.
 MODELMESH_HEADERS = ("mm-model-id", "mm-vmodel-id")
-# /v2/models/<name>[/versions/<v>][/infer|/ready] -> <name>; any other path -> "" which
-# header_to_metadata skips, so a gRPC method path never poses as a model name.
-REST_MODEL_PATH = r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/infer|/ready)?/?$|^.*$"
+# /v2/models/<name>[/versions/<v>][/infer|/ready][?query] -> <name>; any other path -> ""
+# which header_to_metadata skips, so a gRPC method path never poses as a model name.
+REST_MODEL_PATH = r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?(?:/infer|/ready)?/?(?:\?.*)?$|^.*$"
+# The KServe V2 REST API (route matching sees the path without its query string).
+REST_API_PATH = r"^/v2(?:/.*)?$"
+# ModelMesh Serving's REST proxy (grpc-gateway) passes on as gRPC metadata only the
+# headers with this prefix, stripped.
+GRPC_METADATA_PREFIX = "grpc-metadata-"
+# Set on the gateway's own "no pod holds the model" answers, so the response filter can
+# give gRPC clients NOT_FOUND: Envoy maps an HTTP 404 to UNIMPLEMENTED for them.
+NO_HOLDER_HEADER = "x-modelxds-no-holder"
 
 _FALLBACK = {
     FallbackPolicy.ANY_ENDPOINT: cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
@@ -60,6 +72,17 @@ _SELECTOR_FALLBACK = {
 }
 
 
+class RestMode(enum.Enum):
+    """How the gateway serves KServe V2 REST (HTTP/1.1, JSON) requests."""
+
+    # to the REST proxy of the holder (ModelMesh Serving runs one on every pod, :8008),
+    # which takes both JSON forms of the V2 protocol
+    PROXY = "proxy"
+    # transcoded to gRPC by the gateway, for meshes without the REST proxy; only the
+    # protobuf JSON ``contents`` form maps onto the gRPC message
+    TRANSCODE = "transcode"
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Knobs that are not part of the routing policy."""
@@ -67,6 +90,8 @@ class Options:
     descriptor_set: bytes  # KServe V2 proto descriptors for the REST -> gRPC transcoder
     listen_address: str = "0.0.0.0"
     default_port: int = 8033  # ModelMesh's gRPC inference port when the VS names none
+    rest: RestMode = RestMode.PROXY
+    rest_port: int = 8008  # the pods' REST proxy port when the VS names none
     connect_timeout_ms: int = 1000
     # Envoy batches metadata-only endpoint updates for this long (default 1 s);
     # small, so a new copy takes traffic soon after it appears in etcd.
@@ -81,7 +106,8 @@ class Destination:
     http: HttpRoute
     rule: DestinationRule
     fqdn: str
-    port: int  # the pods' port
+    port: int  # the pods' gRPC port
+    rest_port: int | None  # the pods' REST proxy port; None: REST is transcoded to gRPC
     mesh: MeshPlacement
 
 
@@ -95,8 +121,27 @@ def destinations(placement: Placement, policy: Policy, options: Options) -> Iter
             fqdn = resolve_host(http.destination_host, vs.namespace)
             namespace = fqdn.split(".")[1]
             port = http.destination_port or options.default_port
+            rest_port = vs.rest_port or options.rest_port
             mesh = placement.meshes.get(namespace, MeshPlacement(namespace))
-            yield Destination(vs, http, dr, fqdn, port, mesh)
+            yield Destination(
+                vs,
+                http,
+                dr,
+                fqdn,
+                port,
+                rest_port if options.rest is RestMode.PROXY else None,
+                mesh,
+            )
+
+
+def model_miss_policy(d: Destination) -> FallbackPolicy:
+    """The fallback for a model no pod has: Envoy uses the selector whose keys are
+    exactly the request's (the model key), else the rule's own fallback."""
+    model_key = d.http.header_keys[0].key
+    return next(
+        (s.fallback_policy for s in d.rule.selectors if s.keys == (model_key,)),
+        d.rule.fallback_policy,
+    )
 
 
 def translate(placement: Placement, policy: Policy, options: Options) -> Resources:
@@ -105,20 +150,43 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
     listeners: dict[str, Message] = {}
     routes: dict[str, Message] = {}
     for d in destinations(placement, policy, options):
-        name = cluster_name(d.fqdn, d.port)
-        clusters[name] = build_cluster(name, d.rule, options)
-        endpoints[name] = build_endpoints(name, d.mesh, model_keys(d.http), d.port)
+        keys = model_keys(d.http)
+        grpc = cluster_name(d.fqdn, d.port)
+        clusters[grpc] = build_cluster(grpc, d.rule, options)
+        endpoints[grpc] = build_endpoints(grpc, d.mesh, keys, d.port)
+        rest = grpc
+        if d.rest_port is not None:
+            rest = cluster_name(d.fqdn, d.rest_port, rest=True)
+            clusters[rest] = build_cluster(rest, d.rule, options, http2=False)
+            endpoints[rest] = build_endpoints(rest, d.mesh, keys, d.rest_port)
+        # under NO_FALLBACK with pods up, a request the subset LB finds no host for asks
+        # for a model no pod holds; with no pod at all, 503 stays the right answer
+        not_found = model_miss_policy(d) is FallbackPolicy.NO_FALLBACK and bool(d.mesh.instances)
         for listen_port in d.http.ports:
             route_name = str(listen_port)
             listeners[listener_name(options, listen_port)] = build_listener(
-                listen_port, rds(route_name), d.http, options
+                listen_port,
+                rds(route_name),
+                d.http,
+                options,
+                local_reply=no_holder_reply(d.http) if not_found else None,
             )
-            routes[route_name] = build_route_config(route_name, d.vs, name)
+            routes[route_name] = route_config(
+                route_name,
+                d,
+                [
+                    _route(d, grpc_match(), grpc),
+                    _route(d, rest_match(), rest),
+                    no_model_route(d.http),
+                ],
+            )
     return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
 
 
-def cluster_name(fqdn: str, port: int) -> str:
-    return f"outbound|{port}||{fqdn}"  # Istio's naming, familiar in config_dump
+def cluster_name(fqdn: str, port: int, *, rest: bool = False) -> str:
+    """Istio's naming, familiar in config_dump; a REST proxy's cluster says ``rest`` where
+    Istio names a subset, so it never takes the name of a gRPC port's cluster."""
+    return f"outbound|{port}|{'rest' if rest else ''}|{fqdn}"
 
 
 def listener_name(options: Options, port: int) -> str:
@@ -134,7 +202,9 @@ def rds(route_name: str) -> hcm_pb2.Rds:
     return hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name)
 
 
-def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_pb2.Cluster:
+def build_cluster(
+    name: str, dr: DestinationRule, options: Options, *, http2: bool = True
+) -> cluster_pb2.Cluster:
     Subset = cluster_pb2.Cluster.LbSubsetConfig
     subset = Subset(
         fallback_policy=_FALLBACK[dr.fallback_policy],
@@ -149,21 +219,22 @@ def build_cluster(name: str, dr: DestinationRule, options: Options) -> cluster_p
     )
     if dr.default_subset:
         subset.default_subset.update(dict(dr.default_subset))
-    cluster = eds_cluster(name, options)
+    cluster = eds_cluster(name, options, http2=http2)
     cluster.lb_subset_config.CopyFrom(subset)
     cluster.common_lb_config.update_merge_window.CopyFrom(_ms(options.update_merge_window_ms))
     return cluster
 
 
-def eds_cluster(name: str, options: Options) -> cluster_pb2.Cluster:
-    """A destination service's pods over EDS, least request, gRPC upstream."""
+def eds_cluster(name: str, options: Options, *, http2: bool = True) -> cluster_pb2.Cluster:
+    """A destination service's pods over EDS, least request; gRPC (HTTP/2) upstream, or
+    HTTP/1.1 for a REST proxy."""
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=_ms(options.connect_timeout_ms),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
-        typed_extension_protocol_options=http2_upstream(),
+        typed_extension_protocol_options=http2_upstream() if http2 else {},
     )
 
 
@@ -217,15 +288,21 @@ def build_listener(
     http: HttpRoute,
     options: Options,
     model_filters: Sequence[hcm_pb2.HttpFilter] = (),
+    *,
+    local_reply: hcm_pb2.LocalReplyConfig | None = None,
 ) -> listener_pb2.Listener:
-    """``model_filters`` run right after the model is in ``envoy.lb`` metadata."""
-    hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=f"gateway_{port}",
-        # one port for gRPC (HTTP/2) and REST (HTTP/1.1), as ModelMesh's own service
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        http_filters=[
-            _http_filter("envoy.filters.http.header_to_metadata", header_rules(http)),
-            *model_filters,
+    """``model_filters`` run right after the model is in ``envoy.lb`` metadata;
+    ``local_reply`` (``no_holder_reply``) also brings the filter that gives its answer
+    to gRPC clients as NOT_FOUND."""
+    filters = [
+        _http_filter("envoy.filters.http.header_to_metadata", header_rules(http)),
+        *model_filters,
+    ]
+    if local_reply is not None:
+        filters.append(_http_filter("envoy.filters.http.lua", grpc_not_found()))
+    if options.rest is RestMode.TRANSCODE:
+        filters.append(_http_filter("envoy.filters.http.lua", data_form_guard()))
+        filters.append(
             _http_filter(
                 "envoy.filters.http.grpc_json_transcoder",
                 transcoder_pb2.GrpcJsonTranscoder(
@@ -236,10 +313,19 @@ def build_listener(
                     ),
                     convert_grpc_status=True,
                 ),
-            ),
-            _http_filter("envoy.filters.http.router", router_pb2.Router()),
-        ],
+            )
+        )
+    filters.append(_http_filter("envoy.filters.http.router", router_pb2.Router()))
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"gateway_{port}",
+        # one port for gRPC (HTTP/2) and REST (HTTP/1.1), as ModelMesh's own service
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        # RFC 3986 normalization: /v2/models/my%2Dmodel/infer names model my-model
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        http_filters=filters,
     )
+    if local_reply is not None:
+        hcm.local_reply_config.CopyFrom(local_reply)
     if isinstance(routes, hcm_pb2.Rds):
         hcm.rds.CopyFrom(routes)
     else:
@@ -258,6 +344,111 @@ def build_listener(
             )
         ],
     )
+
+
+def error_body(message: str, grpc_code: int) -> str:
+    """A gateway error as the pods' REST proxy words its own: the V2 REST protocol's
+    ``error`` and grpc-gateway's ``code`` / ``message``, so either kind of client reads it."""
+    return json.dumps({"error": message, "code": grpc_code, "message": message})
+
+
+def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
+    """NO_FALLBACK, and the subset load balancer found no pod for the request's model:
+    404 with a V2 error body instead of Envoy's 503 "no healthy upstream"."""
+    model_key = http.header_keys[0].key
+    Filter = accesslog_pb2.AccessLogFilter
+    names_model = metadata_pb2.MetadataMatcher(
+        filter=LB_NAMESPACE,
+        path=[metadata_pb2.MetadataMatcher.PathSegment(key=model_key)],
+        value=_ANY_STRING,
+    )
+    message = (
+        f"no pod holds model '%DYNAMIC_METADATA({LB_NAMESPACE}:{model_key})%' "
+        "and the DestinationRule's fallbackPolicy is NO_FALLBACK"
+    )
+    body = json.loads(error_body(message, GRPC_NOT_FOUND))
+    mapper = hcm_pb2.ResponseMapper(
+        filter=Filter(
+            and_filter=accesslog_pb2.AndFilter(
+                filters=[
+                    Filter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UH"])),
+                    Filter(
+                        metadata_filter=accesslog_pb2.MetadataFilter(
+                            matcher=names_model,
+                            match_if_key_not_found=wrappers_pb2.BoolValue(value=False),
+                        )
+                    ),
+                ]
+            )
+        ),
+        status_code=wrappers_pb2.UInt32Value(value=404),
+        headers_to_add=[_header(NO_HOLDER_HEADER, "true")],
+    )
+    mapper.body_format_override.json_format.update(body)
+    return hcm_pb2.LocalReplyConfig(mappers=[mapper])
+
+
+GRPC_INVALID_ARGUMENT = 3
+GRPC_NOT_FOUND = 5
+GRPC_UNAVAILABLE = 14
+_ANY_STRING = value_pb2.ValueMatcher(
+    string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
+)
+
+
+def grpc_not_found() -> lua_pb2.Lua:
+    """Envoy answers a gRPC client's local reply with the status an HTTP proxy's code
+    maps to, UNIMPLEMENTED for 404; the gateway's "no pod holds the model" is NOT_FOUND,
+    as ModelMesh itself says for a model it does not know."""
+    return _lua(
+        f"""\
+function envoy_on_response(response)
+  local headers = response:headers()
+  if headers:get("{NO_HOLDER_HEADER}") ~= nil and headers:get("grpc-status") ~= nil then
+    headers:replace("grpc-status", "{GRPC_NOT_FOUND}")
+  end
+end
+"""
+    )
+
+
+def data_form_guard() -> lua_pb2.Lua:
+    """With ``--rest transcode``: the transcoder maps protobuf JSON onto ModelInferRequest
+    and drops fields it does not know, so a V2 ``data`` tensor would reach the model as
+    an empty one. Answer such a body 400 instead, saying why."""
+    message = (
+        "this gateway transcodes KServe V2 REST to gRPC (--rest transcode) and reads only "
+        'the protobuf JSON form of tensors ("contents": {"fp32_contents": [...]}); send '
+        'that form, or run the pods\' REST proxy and the gateway with --rest proxy to use "data"'
+    )
+    return _lua(
+        f"""\
+local BODY = {_lua_long_string(error_body(message, GRPC_INVALID_ARGUMENT))}
+function envoy_on_request(request)
+  local headers = request:headers()
+  local content_type = headers:get("content-type") or ""
+  if headers:get(":method") ~= "POST" or content_type:sub(1, 16) == "application/grpc" then
+    return
+  end
+  local body = request:body()
+  if body ~= nil and body:getBytes(0, body:length()):find('"data"%s*:') then
+    request:respond({{[":status"] = "400", ["content-type"] = "application/json"}}, BODY)
+  end
+end
+"""
+    )
+
+
+def _lua(script: str) -> lua_pb2.Lua:
+    return lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=script))
+
+
+def _lua_long_string(text: str) -> str:
+    """A Lua long string literal: no escapes inside, so JSON goes in as it is."""
+    level = 0
+    while f"]{'=' * level}]" in text:
+        level += 1
+    return f"[{'=' * level}[{text}]{'=' * level}]"
 
 
 def header_rules(http: HttpRoute) -> header_to_metadata_pb2.Config:
@@ -287,26 +478,63 @@ def header_rules(http: HttpRoute) -> header_to_metadata_pb2.Config:
     return Config(request_rules=rules)
 
 
-def build_route_config(name: str, vs: VirtualService, cluster: str) -> route_pb2.RouteConfiguration:
-    route = route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(prefix="/"),
+def route_config(
+    name: str, d: Destination, routes: Sequence[route_components_pb2.Route]
+) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=f"{d.vs.namespace}/{d.vs.name}",
+                domains=list(d.vs.hosts) or ["*"],
+                routes=routes,
+            )
+        ],
+    )
+
+
+def grpc_match() -> route_components_pb2.RouteMatch:
+    return route_components_pb2.RouteMatch(
+        prefix="/", grpc=route_components_pb2.RouteMatch.GrpcRouteMatchOptions()
+    )
+
+
+def rest_match() -> route_components_pb2.RouteMatch:
+    return route_components_pb2.RouteMatch(safe_regex=regex_pb2.RegexMatcher(regex=REST_API_PATH))
+
+
+def _route(
+    d: Destination, match: route_components_pb2.RouteMatch, cluster: str
+) -> route_components_pb2.Route:
+    """To ``cluster``'s pods: gRPC, or REST when ``match`` is ``rest_match()``."""
+    rest = match.HasField("safe_regex") and d.rest_port is not None
+    return route_components_pb2.Route(
+        match=match,
         route=route_components_pb2.RouteAction(
             cluster=cluster,
             # model loads can take minutes; ModelMesh holds the request meanwhile
             timeout=duration_pb2.Duration(seconds=0),
             retry_policy=retry_policy(),
         ),
-        request_headers_to_add=[balanced_header()],
+        request_headers_to_add=[balanced_header(rest=rest)],
     )
-    return route_pb2.RouteConfiguration(
-        name=name,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(
-                name=f"{vs.namespace}/{vs.name}",
-                domains=list(vs.hosts) or ["*"],
-                routes=[route],
-            )
-        ],
+
+
+def no_model_route(http: HttpRoute) -> route_components_pb2.Route:
+    """REST outside the V2 API: there is no model to route by, and no pod would serve it."""
+    headers = ", ".join(dict.fromkeys([*(h.header for h in http.header_keys), *MODELMESH_HEADERS]))
+    message = (
+        "no model in this request: expected a KServe V2 REST path (/v2/models/{name}/infer, "
+        f"/v2/models/{{name}}/ready, /v2/models/{{name}}) or gRPC with one of the headers "
+        f"{headers} or the model_name field"
+    )
+    return route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=400,
+            body=base_pb2.DataSource(inline_string=error_body(message, GRPC_INVALID_ARGUMENT)),
+        ),
+        response_headers_to_add=[_header("content-type", "application/json")],
     )
 
 
@@ -325,11 +553,16 @@ def retry_policy() -> route_components_pb2.RetryPolicy:
     )
 
 
-def balanced_header() -> base_pb2.HeaderValueOption:
+def balanced_header(*, rest: bool = False) -> base_pb2.HeaderValueOption:
     """ModelMesh: serve from the local copy; without this the pod may forward
-    the request again and spend the hop this gateway saved."""
+    the request again and spend the hop this gateway saved. A pod's REST proxy passes
+    it on only as a ``grpc-metadata-`` header."""
+    return _header(f"{GRPC_METADATA_PREFIX if rest else ''}mm-balanced", "true")
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key="mm-balanced", value="true"),
+        header=base_pb2.HeaderValue(key=key, value=value),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
 

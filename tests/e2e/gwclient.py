@@ -58,7 +58,7 @@ class Client:
         # the pods run in this event loop: block a thread, not the loop
         doc = json.loads(await asyncio.to_thread(send))
         out = next(o for o in doc["outputs"] if o["name"] == "instance")
-        return _instance(base64.b64decode(out["contents"]["bytes_contents"][0]))
+        return rest_bytes(out)[0].decode()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -66,6 +66,16 @@ class Client:
 
 def _instance(raw: bytes) -> str:
     return raw.decode()
+
+
+def rest_bytes(output: dict[str, Any]) -> list[bytes]:
+    """A BYTES output of a V2 REST response, in either JSON form."""
+    if "data" in output:  # a pod's REST proxy: base64 when it says so, as rest-proxy does
+        if output.get("parameters", {}).get("content_type") == "base64":
+            return [base64.b64decode(v) for v in output["data"]]
+        return [str(v).encode() for v in output["data"]]
+    # transcoded by the gateway: protobuf JSON, bytes in base64
+    return [base64.b64decode(v) for v in output["contents"]["bytes_contents"]]
 
 
 async def gateway_status(stack: Stack) -> list[dict[str, Any]]:

@@ -1,19 +1,18 @@
 """Both gateway strategies route alike, through a real Envoy: for random placements written
 to a real etcd, every model id and InferenceService name lands only on the pods that
 ``MeshPlacement.routable`` names (all of them, given enough requests), and a name no pod
-has spreads over every pod (ANY_ENDPOINT) or gets 503 (NO_FALLBACK)."""
+has spreads over every pod (ANY_ENDPOINT). What NO_FALLBACK answers for it is in
+test_gateway_rest.py."""
 
 from __future__ import annotations
 
 import random
-import urllib.error
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 
 from modelxds.localmesh import processes
@@ -165,20 +164,6 @@ async def test_requests_land_on_routable_pods(tmp_path: Path, strategy: str, see
                 assert rest <= holders, (name, rest)
             else:  # ANY_ENDPOINT: spread, so ModelMesh can load it anywhere
                 assert set(seen) <= everyone and len(seen) >= 2, (name, seen)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-async def test_no_fallback_answers_unavailable_for_a_model_no_pod_has(
-    tmp_path: Path, strategy: str
-) -> None:
-    async with gateway(tmp_path, strategy, "NO_FALLBACK") as (stack, client):
-        await until_config_has(client, stack, 0)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.grpc("x", [("model", "never-loaded")])
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        with pytest.raises(urllib.error.HTTPError) as http_err:
-            await client.rest("never-loaded")
-        assert http_err.value.code == 503
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

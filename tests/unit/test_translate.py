@@ -5,12 +5,19 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -20,7 +27,7 @@ from modelxds.placement.model import ROUTE_BUCKETS, Placement, build_mesh
 from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
-from modelxds.xds.translate import Options, translate
+from modelxds.xds.translate import REST_MODEL_PATH, Options, RestMode, translate
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 NOW = 1_715_003_600_000
@@ -119,9 +126,14 @@ def test_translation_is_deterministic() -> None:
         }
 
 
-def test_endpoint_metadata_lists_routable_models_and_vmodels() -> None:
+GRPC_CLUSTER = "outbound|8033||modelmesh-serving.modelmesh-serving.svc.cluster.local"
+REST_CLUSTER = "outbound|8008|rest|modelmesh-serving.modelmesh-serving.svc.cluster.local"
+
+
+@pytest.mark.parametrize(("cluster", "port"), [(GRPC_CLUSTER, 8033), (REST_CLUSTER, 8008)])
+def test_endpoint_metadata_lists_routable_models_and_vmodels(cluster: str, port: int) -> None:
     eds = translate(_placement(), default_policy(), OPTIONS)[ENDPOINT]
-    (cla,) = map(_cla, eds.values())
+    cla = _cla(eds[cluster])
     meta = {
         ep.endpoint.hostname: [
             v.string_value
@@ -136,7 +148,7 @@ def test_endpoint_metadata_lists_routable_models_and_vmodels() -> None:
         "7dd689-p3r7q": ["xgb__isvc-1a2b3c4d5e"],
     }
     ports = {ep.endpoint.address.socket_address.port_value for ep in cla.endpoints[0].lb_endpoints}
-    assert ports == {8033}
+    assert ports == {port}
 
 
 @pytest.mark.parametrize(
@@ -146,7 +158,12 @@ def test_endpoint_metadata_lists_routable_models_and_vmodels() -> None:
 def test_fallback_policy_reaches_the_cluster(policy: str, cluster_fallback: str) -> None:
     text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", f"fallbackPolicy: {policy}")
     cds = translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER]
-    (cluster,) = map(_cluster, cds.values())
+    assert sorted(cds) == [REST_CLUSTER, GRPC_CLUSTER]
+    for cluster in map(_cluster, cds.values()):
+        _assert_subset_fallback(cluster, cluster_fallback)
+
+
+def _assert_subset_fallback(cluster: cluster_pb2.Cluster, cluster_fallback: str) -> None:
     subset = cluster.lb_subset_config
     assert (
         subset.DESCRIPTOR.fields_by_name["fallback_policy"]
@@ -171,10 +188,10 @@ def test_default_subset_is_configured() -> None:
         "        subsetSelectors:",
         "        defaultSubset: {" + KEY + ": example-mnist-isvc}\n        subsetSelectors:",
     )
-    (cluster,) = map(
+    for cluster in map(
         _cluster, translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER].values()
-    )
-    assert dict(cluster.lb_subset_config.default_subset) == {KEY: "example-mnist-isvc"}
+    ):
+        assert dict(cluster.lb_subset_config.default_subset) == {KEY: "example-mnist-isvc"}
 
 
 def several_headers_and_ports() -> str:
@@ -210,6 +227,117 @@ def test_several_headers_and_ports() -> None:
 def test_namespace_without_placement_gets_a_cluster_without_endpoints() -> None:
     text = SEED_POLICY_YAML.replace("namespace: modelmesh-serving", "namespace: team-b")
     resources = translate(_placement(), parse_policy(text), OPTIONS)
-    (name,) = resources[CLUSTER]
-    assert name == "outbound|8033||modelmesh-serving.team-b.svc.cluster.local"
-    assert list(_cla(resources[ENDPOINT][name]).endpoints[0].lb_endpoints) == []
+    assert sorted(resources[CLUSTER]) == [
+        "outbound|8008|rest|modelmesh-serving.team-b.svc.cluster.local",
+        "outbound|8033||modelmesh-serving.team-b.svc.cluster.local",
+    ]
+    for name in resources[CLUSTER]:
+        assert list(_cla(resources[ENDPOINT][name]).endpoints[0].lb_endpoints) == []
+
+
+def _routes(resources: Resources, name: str = "8008") -> list[route_components_pb2.Route]:
+    config = resources[ROUTE][name]
+    assert isinstance(config, route_pb2.RouteConfiguration)
+    (vhost,) = config.virtual_hosts
+    return list(vhost.routes)
+
+
+def _added_headers(route: route_components_pb2.Route) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in route.request_headers_to_add}
+
+
+def _hcm(resources: Resources, name: str = "0.0.0.0_8008") -> hcm_pb2.HttpConnectionManager:
+    listener = resources[LISTENER][name]
+    assert isinstance(listener, listener_pb2.Listener)
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    return hcm
+
+
+def test_grpc_goes_to_the_grpc_port_and_rest_to_the_pods_rest_proxy() -> None:
+    grpc, rest, other = _routes(translate(_placement(), default_policy(), OPTIONS))
+    assert grpc.match.HasField("grpc") and grpc.route.cluster == GRPC_CLUSTER
+    assert _added_headers(grpc) == {"mm-balanced": "true"}
+    assert rest.route.cluster == REST_CLUSTER
+    # the REST proxy passes on only grpc-metadata- headers, prefix stripped
+    assert _added_headers(rest) == {"grpc-metadata-mm-balanced": "true"}
+    assert other.direct_response.status == 400
+    error = json.loads(other.direct_response.body.inline_string)["error"]
+    assert "/v2/models/{name}/infer" in error and "model, mm-model-id, mm-vmodel-id" in error
+    rest_cluster = _cluster(
+        translate(_placement(), default_policy(), OPTIONS)[CLUSTER][REST_CLUSTER]
+    )
+    assert not rest_cluster.typed_extension_protocol_options  # HTTP/1.1, as the REST proxy
+    filters = [
+        f.name for f in _hcm(translate(_placement(), default_policy(), OPTIONS)).http_filters
+    ]
+    assert "envoy.filters.http.grpc_json_transcoder" not in filters
+
+
+def test_rest_port_comes_from_the_flag_or_the_virtual_services_annotation() -> None:
+    by_flag = translate(_placement(), default_policy(), replace(OPTIONS, rest_port=9000))
+    assert (
+        "outbound|9000|rest|modelmesh-serving.modelmesh-serving.svc.cluster.local"
+        in by_flag[CLUSTER]
+    )
+    text = SEED_POLICY_YAML.replace(
+        "metadata: {name: vs-modelmesh-serving-service, namespace: modelmesh-serving}",
+        "metadata:\n  name: vs-modelmesh-serving-service\n  namespace: modelmesh-serving\n"
+        "  annotations: {modelxds.io/rest-port: '18008'}",
+    )
+    by_annotation = translate(_placement(), parse_policy(text), replace(OPTIONS, rest_port=9000))
+    _, rest, _ = _routes(by_annotation)
+    assert (
+        rest.route.cluster
+        == "outbound|18008|rest|modelmesh-serving.modelmesh-serving.svc.cluster.local"
+    )
+
+
+def test_transcode_mode_sends_rest_as_grpc_and_refuses_the_data_form() -> None:
+    resources = translate(_placement(), default_policy(), replace(OPTIONS, rest=RestMode.TRANSCODE))
+    assert sorted(resources[CLUSTER]) == [GRPC_CLUSTER]
+    _, rest, _ = _routes(resources)
+    assert rest.route.cluster == GRPC_CLUSTER and _added_headers(rest) == {"mm-balanced": "true"}
+    filters = [f.name for f in _hcm(resources).http_filters]
+    # the guard reads the body before the transcoder drops the field it does not know
+    assert filters.index("envoy.filters.http.lua") < filters.index(
+        "envoy.filters.http.grpc_json_transcoder"
+    )
+
+
+@pytest.mark.parametrize("policy", ["ANY_ENDPOINT", "NO_FALLBACK"])
+def test_no_fallback_turns_a_model_no_pod_holds_into_404(policy: str) -> None:
+    text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", f"fallbackPolicy: {policy}")
+    hcm = _hcm(translate(_placement(), parse_policy(text), OPTIONS))
+    if policy == "ANY_ENDPOINT":
+        assert not hcm.HasField("local_reply_config")
+        return
+    (mapper,) = hcm.local_reply_config.mappers
+    assert mapper.status_code.value == 404
+    flags = mapper.filter.and_filter.filters[0].response_flag_filter.flags
+    assert list(flags) == ["UH"]  # no healthy upstream: the subset LB found no pod
+    body = json_format.MessageToDict(mapper.body_format_override.json_format)
+    assert body["code"] == 5 and f"%DYNAMIC_METADATA(envoy.lb:{KEY})%" in body["error"]
+
+
+def test_no_fallback_without_any_pod_stays_503() -> None:
+    text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", "fallbackPolicy: NO_FALLBACK")
+    hcm = _hcm(translate(Placement({}), parse_policy(text), OPTIONS))
+    assert not hcm.HasField("local_reply_config")
+
+
+def test_rest_path_rule_reads_query_strings_versions_metadata_and_ready() -> None:
+    pattern = re.compile(REST_MODEL_PATH)
+    for path in (
+        "/v2/models/m-1/infer",
+        "/v2/models/m-1/infer?x=1",
+        "/v2/models/m-1/versions/3/infer",
+        "/v2/models/m-1",
+        "/v2/models/m-1/ready",
+        "/v2/models/m-1/versions/3/ready?verbose",
+    ):
+        match = pattern.fullmatch(path)
+        assert match is not None and match.group(1) == "m-1", path
+    for path in ("/inference.GRPCInferenceService/ModelInfer", "/v2/health/ready", "/v2"):
+        match = pattern.fullmatch(path)
+        assert match is not None and not match.group(1), path

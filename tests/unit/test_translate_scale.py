@@ -24,7 +24,7 @@ from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, translate_scale
-from modelxds.xds.translate import translate
+from modelxds.xds.translate import REST_API_PATH, RestMode, translate
 from tests.unit.test_translate import (
     KEY,
     NOW,
@@ -36,6 +36,7 @@ from tests.unit.test_translate import _placement as seed_placement
 
 FQDN = "modelmesh-serving.modelmesh-serving.svc.cluster.local"
 SERVICE = f"outbound|8033||{FQDN}"
+REST_SERVICE = f"outbound|8008|rest|{FQDN}"
 PODS = ("7dd689-4zwqs", "7dd689-k2x9p", "7dd689-p3r7q")
 # Route buckets in these tests: a readable golden file, and the seed's three names land
 # in three different ones (1, 2, 3), leaving bucket 0 empty.
@@ -48,6 +49,10 @@ def _placement(registry: dict[str, ModelRecord] | None = None) -> Placement:
 
 def _pod(iid: str, port: int = 8033) -> str:
     return f"{iid}.modelmesh-serving:{port}"
+
+
+def _rest_pod(iid: str) -> str:
+    return f"{iid}.modelmesh-serving:8008/rest"
 
 
 def _policy(fallback: str = "ANY_ENDPOINT", default_subset: str = "") -> str:
@@ -66,8 +71,11 @@ def _table(resources: Resources, name: str) -> route_pb2.RouteConfiguration:
     return msg
 
 
-def _model_tables(resources: Resources, port: int = 8008) -> list[route_pb2.RouteConfiguration]:
-    return [_table(resources, f"{port}/{b}") for b in range(BUCKETS)]
+def _model_tables(
+    resources: Resources, port: int = 8008, prefix: str = ""
+) -> list[route_pb2.RouteConfiguration]:
+    """A listener's model tables: gRPC's, or with ``prefix="rest/"`` REST's."""
+    return [_table(resources, f"{port}/{prefix}{b}") for b in range(BUCKETS)]
 
 
 def _cluster(msg: Message) -> cluster_pb2.Cluster:
@@ -94,17 +102,25 @@ def _entries(table: route_pb2.RouteConfiguration) -> dict[str, matcher_pb2.Match
     return dict(table.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map)
 
 
-def _routes(resources: Resources, port: int = 8008) -> dict[str, list[str]]:
-    """Every name's targets, over all of a listener's route tables."""
+def _routes(resources: Resources, port: int = 8008, prefix: str = "") -> dict[str, list[str]]:
+    """Every name's targets, over all of a listener's route tables (of one protocol)."""
     return {
         name: _targets(_route(on_match))
-        for table in _model_tables(resources, port)
+        for table in _model_tables(resources, port, prefix)
         for name, on_match in _entries(table).items()
     }
 
 
 def _no_match(table: route_pb2.RouteConfiguration) -> list[str]:
-    return _targets(_route(table.virtual_hosts[0].matcher.on_no_match))
+    """Where a table sends what its names do not match; the REST table of requests
+    without a model has routes instead: the V2 API to the fallback, anything else 400."""
+    vhost = table.virtual_hosts[0]
+    if vhost.routes:
+        v2_api, other = vhost.routes
+        assert v2_api.match.safe_regex.regex == REST_API_PATH
+        assert other.direct_response.status == 400
+        return _targets(v2_api)
+    return _targets(_route(vhost.matcher.on_no_match))
 
 
 def _serialized(resources: Resources, type_url: str) -> dict[str, bytes]:
@@ -120,8 +136,9 @@ def _hcm(resources: Resources, name: str = "0.0.0.0_8008") -> hcm_pb2.HttpConnec
 
 
 def _lua(resources: Resources, name: str = "0.0.0.0_8008") -> str:
+    """The routing Lua filter's script (the first Lua filter)."""
     lua = lua_pb2.Lua()
-    (found,) = [f for f in _hcm(resources, name).http_filters if f.name.endswith(".lua")]
+    found = next(f for f in _hcm(resources, name).http_filters if f.name.endswith(".lua"))
     assert found.typed_config.Unpack(lua)
     return str(lua.default_source_code.inline_string)
 
@@ -153,11 +170,16 @@ def test_each_name_routes_to_exactly_its_routable_pods_from_its_buckets_table() 
         assert clusters == [_pod(iid) for iid in mesh.routable(name)]
         # the gateway's Lua filter sends a request for the name to this table only
         assert name in _entries(_table(resources, f"8008/{route_bucket(name, BUCKETS)}"))
+    # REST: the same holders, at their REST proxy
+    assert _routes(resources, prefix="rest/") == {
+        name: [c.replace(":8033", ":8008/rest") for c in clusters]
+        for name, clusters in _routes(resources).items()
+    }
 
 
 def test_one_scope_per_bucket_and_one_for_requests_without_a_model() -> None:
     resources = translate_scale(_placement(), default_policy(), OPTIONS)
-    names = [f"8008/{b}" for b in range(BUCKETS)] + ["8008/none"]
+    names = [f"8008/{prefix}{b}" for prefix in ("", "rest/") for b in [*range(BUCKETS), "none"]]
     assert sorted(resources[SCOPED_ROUTE]) == sorted(names)
     assert sorted(resources[ROUTE]) == sorted(names)
     for name, scope in resources[SCOPED_ROUTE].items():
@@ -177,7 +199,13 @@ def test_lua_filter_computes_route_bucket_and_routes_again() -> None:
     # the hash route_bucket computes, then the bucket count and the listener's scope prefix
     assert f"h = (h * 31 + model:byte(i)) % {BUCKET_HASH_MODULUS}" in script
     assert f"shard = tostring(h % {BUCKETS})" in script
-    assert f'headers:replace("{SHARD_HEADER}", "8008/" .. shard)' in script
+    assert 'local prefix = "8008/"' in script
+    assert f'headers:replace("{SHARD_HEADER}", prefix .. shard)' in script
+    # anything but gRPC (as Envoy tells it: by content type) takes the REST tables
+    assert (
+        'if (headers:get("content-type") or ""):sub(1, 16) ~= "application/grpc" then\n'
+        '    prefix = "8008/rest/"'
+    ) in script
     # a client cannot pick the route itself: the model header is replaced or removed
     assert f'headers:replace("{MODEL_HEADER}", model)' in script
     assert f'headers:remove("{MODEL_HEADER}")' in script
@@ -199,21 +227,34 @@ def test_retries_and_mm_balanced_are_set_once_on_each_virtual_host() -> None:
     resources = translate_scale(_placement(), default_policy(), OPTIONS)
     subset = translate(_placement(), default_policy(), OPTIONS)[ROUTE]["8008"]
     assert isinstance(subset, route_pb2.RouteConfiguration)
-    subset_route = subset.virtual_hosts[0].routes[0]
-    for table in resources[ROUTE].values():
+    grpc_route, rest_route, _ = subset.virtual_hosts[0].routes
+    for name, table in resources[ROUTE].items():
         assert isinstance(table, route_pb2.RouteConfiguration)
+        subset_route = rest_route if "/rest/" in name else grpc_route
         vhost = table.virtual_hosts[0]
         assert list(vhost.request_headers_to_add) == list(subset_route.request_headers_to_add)
         retry = vhost.retry_policy
         assert retry.retry_on == subset_route.route.retry_policy.retry_on
         assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
-        assert not vhost.routes  # a matcher and a route list are exclusive
+        # a matcher and a route list are exclusive
+        assert bool(vhost.routes) == (name == "8008/rest/none")
 
 
 def test_pod_clusters_are_static_with_the_other_pods_for_retries() -> None:
     resources = translate_scale(_placement(), default_policy(), OPTIONS)
-    assert sorted(resources[CLUSTER]) == sorted([SERVICE, *map(_pod, PODS)])
-    assert list(resources[ENDPOINT]) == [SERVICE]  # only the all-pods cluster uses EDS
+    assert sorted(resources[CLUSTER]) == sorted(
+        [SERVICE, REST_SERVICE, *map(_pod, PODS), *map(_rest_pod, PODS)]
+    )
+    # only the all-pods clusters use EDS
+    assert list(resources[ENDPOINT]) == [SERVICE, REST_SERVICE]
+    rest_pod = _cluster(resources[CLUSTER][_rest_pod("7dd689-k2x9p")])
+    assert not rest_pod.typed_extension_protocol_options  # HTTP/1.1 to the REST proxy
+    (rest_port,) = {
+        ep.endpoint.address.socket_address.port_value
+        for group in rest_pod.load_assignment.endpoints
+        for ep in group.lb_endpoints
+    }
+    assert rest_port == 8008
     pod = _cluster(resources[CLUSTER][_pod("7dd689-k2x9p")])
     assert pod.type == cluster_pb2.Cluster.STATIC
     assert not pod.HasField("lb_subset_config")
@@ -259,7 +300,9 @@ def test_placement_change_touches_only_the_tables_of_the_names_that_moved() -> N
     old, new = _serialized(before, ROUTE), _serialized(after, ROUTE)
     changed = {name for name in new if new[name] != old[name]}
     names = ("example-mnist-isvc", "mnist-svm__isvc-6b2eb0b8bf", "xgb__isvc-1a2b3c4d5e")
-    assert changed == {f"8008/{route_bucket(n, BUCKETS)}" for n in names}
+    assert changed == {
+        f"8008/{prefix}{route_bucket(n, BUCKETS)}" for n in names for prefix in ("", "rest/")
+    }
     assert _routes(after)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-k2x9p"), _pod("7dd689-p3r7q")]
 
 
@@ -271,7 +314,7 @@ def test_an_unchanged_table_is_the_same_message_so_it_is_neither_serialized_nor_
         if not name.endswith("/none"):
             assert again[ROUTE][name] is table, name
     for name, cluster in first[CLUSTER].items():
-        if name != SERVICE:
+        if name not in (SERVICE, REST_SERVICE):
             assert again[CLUSTER][name] is cluster, name
 
 
@@ -294,7 +337,6 @@ def test_listener_keeps_the_subset_model_extraction_then_runs_the_lua_filter() -
     assert [f.name for f in scale] == [
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.lua",
-        "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
     assert scale[0] == subset[0]  # same precedence: ModelMesh headers, VS headers, REST path
@@ -305,7 +347,8 @@ def test_listener_keeps_the_subset_model_extraction_then_runs_the_lua_filter() -
     ("fallback", "default_subset", "expected"),
     [
         ("ANY_ENDPOINT", "", [SERVICE]),
-        ("NO_FALLBACK", "", ["status 503"]),
+        # as the subset strategy's answer: a model no pod holds is not found
+        ("NO_FALLBACK", "", ["status 404"]),
         ("DEFAULT_SUBSET", "example-mnist-isvc", [_pod("7dd689-4zwqs"), _pod("7dd689-k2x9p")]),
         # no pod has the default subset: the subset load balancer finds no host either
         ("DEFAULT_SUBSET", "orphan", ["status 503"]),
@@ -317,9 +360,14 @@ def test_fallback_follows_the_destination_rule(
     resources = translate_scale(
         _placement(), parse_policy(_policy(fallback, default_subset)), OPTIONS
     )
-    for table in resources[ROUTE].values():
+    for name, table in resources[ROUTE].items():
         assert isinstance(table, route_pb2.RouteConfiguration)
-        assert _no_match(table) == expected, table.name
+        wanted = expected
+        if "/rest/" in name:  # the same, at the REST proxy
+            wanted = [
+                e.replace(":8033", ":8008/rest").replace(SERVICE, REST_SERVICE) for e in expected
+            ]
+        assert _no_match(table) == wanted, name
 
 
 def test_a_model_miss_and_a_request_without_model_can_fall_back_differently() -> None:
@@ -331,7 +379,7 @@ def test_a_model_miss_and_a_request_without_model_can_fall_back_differently() ->
     )
     resources = translate_scale(_placement(), parse_policy(text), OPTIONS)
     for table in _model_tables(resources):
-        assert _no_match(table) == ["status 503"]
+        assert _no_match(table) == ["status 404"]
     assert _no_match(_table(resources, "8008/none")) == [SERVICE]
     # retries leave the pod only where any pod may serve a model: not under NO_FALLBACK
     pod = _cluster(resources[CLUSTER][_pod("7dd689-k2x9p")])
@@ -344,9 +392,7 @@ def test_several_headers_and_ports() -> None:
     # every listener takes every scope: the port in the key keeps the two apart
     assert {n.split("/")[0] for n in resources[SCOPED_ROUTE]} == {"8008", "9008"}
     assert _routes(resources, 8008) == _routes(resources, 9008)
-    assert 'headers:replace("x-modelxds-shard", "9008/" .. shard)' in _lua(
-        resources, "0.0.0.0_9008"
-    )
+    assert 'local prefix = "9008/"' in _lua(resources, "0.0.0.0_9008")
     # the model key first, then the VirtualService's other keys: the first present wins
     assert f'local KEYS = {{"{KEY}", "alias"}}' in _lua(resources)
 
@@ -361,10 +407,12 @@ def test_several_pod_ports_get_their_own_pod_clusters() -> None:
     )
     text = f"{SEED_POLICY_YAML}---\n{rest}"
     resources = translate_scale(_placement(), parse_policy(text), OPTIONS)
+    # gRPC to the pods' 8008 and REST to their REST proxy on 8008 never share a cluster
     assert sorted(resources[CLUSTER]) == sorted(
-        [SERVICE, f"outbound|8008||{FQDN}"]
+        [SERVICE, f"outbound|8008||{FQDN}", REST_SERVICE]
         + [_pod(i) for i in PODS]
         + [_pod(i, 8008) for i in PODS]
+        + [_rest_pod(i) for i in PODS]
     )
     assert _routes(resources)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q")]
     assert _routes(resources, 9008)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-p3r7q", 8008)]
@@ -372,12 +420,26 @@ def test_several_pod_ports_get_their_own_pod_clusters() -> None:
 
 def test_empty_placement_sends_everything_to_the_fallback() -> None:
     resources = translate_scale(Placement(), default_policy(), OPTIONS)
-    assert list(resources[CLUSTER]) == [SERVICE]
-    cla = resources[ENDPOINT][SERVICE]
-    assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
-    assert list(cla.endpoints[0].lb_endpoints) == []
-    for table in resources[ROUTE].values():
+    assert list(resources[CLUSTER]) == [SERVICE, REST_SERVICE]
+    for service in (SERVICE, REST_SERVICE):
+        cla = resources[ENDPOINT][service]
+        assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+        assert list(cla.endpoints[0].lb_endpoints) == []
+    for name, table in resources[ROUTE].items():
         assert isinstance(table, route_pb2.RouteConfiguration)
         # Envoy rejects an empty exact_match_map: no tree at all, only on_no_match
         assert not table.virtual_hosts[0].matcher.HasField("matcher_tree")
-        assert _no_match(table) == [SERVICE]
+        assert _no_match(table) == [REST_SERVICE if "/rest/" in name else SERVICE]
+
+
+def test_no_fallback_with_no_pod_at_all_answers_503_as_the_subset_strategy() -> None:
+    resources = translate_scale(Placement(), parse_policy(_policy("NO_FALLBACK")), OPTIONS)
+    for table in _model_tables(resources):
+        assert _no_match(table) == ["status 503"]
+
+
+def test_transcode_mode_has_no_rest_tables_or_clusters() -> None:
+    options = dataclasses.replace(OPTIONS, rest=RestMode.TRANSCODE)
+    resources = translate_scale(_placement(), default_policy(), options)
+    assert not any("rest" in name for name in [*resources[CLUSTER], *resources[ROUTE]])
+    assert "application/grpc" not in _lua(resources)  # every request takes the gRPC tables
