@@ -17,9 +17,10 @@ numbers, huge values, bad UTF-8 or NaN either.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -373,10 +374,31 @@ def read_instance(raw: bytes | str) -> Parsed[InstanceRecord]:
 
 
 def read_litelinks(raw: bytes | str) -> Parsed[LitelinksRecord]:
+    """A registration; its ``hostname`` comes back as a normalized IP address."""
     parsed = _parse(LitelinksRecord, raw)
     if not parsed.record.hostname or not parsed.record.instance_id:
         raise RecordError("litelinks record needs 'hostname' and 'instanceId'")
+    address = pod_ip(parsed.record.hostname)
+    if address != parsed.record.hostname:
+        parsed = parsed._replace(record=replace(parsed.record, hostname=address))
     return parsed
+
+
+def pod_ip(hostname: str) -> str:
+    """The pod IP a litelinks ``hostname`` holds, normalized (``[FD00::0001]`` -> ``fd00::1``).
+
+    ModelMesh registers the pod IP. Everything downstream needs an IP: Envoy rejects a
+    whole endpoint or cluster resource for one host name in it (every pod would lose its
+    routing), and pickers and the labeler match pods by IP. A name is not resolved here;
+    the record is skipped, which leaves that pod alone without direct traffic.
+    """
+    try:
+        return str(ipaddress.ip_address(hostname.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        raise RecordError(
+            f"field 'hostname': {hostname[:100]!r} is not an IP address; modelxds routes to "
+            "pod IPs, so this pod gets no direct traffic"
+        ) from None
 
 
 READERS: dict[Table, Callable[[bytes | str], Parsed[Record]]] = {

@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 
 from modelxds.localmesh import processes
+from modelxds.localmesh.sample import SampleBackend
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.modelmesh import Table
 from modelxds.modelmesh.records import VModelRecord
-from modelxds.modelmesh.registrar import put_vmodel
+from modelxds.modelmesh.registrar import PodRegistration, put_vmodel
 from modelxds.xds.bootstrap import bootstrap
 from tests.e2e.gwclient import Client, gateway_status
 
@@ -154,6 +155,35 @@ async def test_malformed_record_is_skipped_and_routing_goes_on(
     assert 'modelxds_etcd_invalid_records_total{table="registry"} 2.0' in metrics
     log = stack.processes[1].log_path.read_text()
     assert f"{registry}garbage" in log and f"{registry}also-garbage" in log
+
+
+async def test_a_pod_registered_by_host_name_costs_the_others_nothing_and_ipv6_pods_route(
+    stack: Stack, client: Client
+) -> None:
+    a = pod_instance_id(0)
+    await stack.pod(a)[1].add_copy("good", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "good", {a})
+    # a DNS name where ModelMesh registers the pod IP: one host name in EDS (or a STATIC
+    # cluster) would get the whole resource rejected, freezing every pod's routing
+    named = PodRegistration(stack.etcd, stack.layout, "7dd689-named0", "pod-9.mesh.svc")
+    stack.registrations.append(named)
+    await named.register()
+    await named.add_copy("named-model", started_ms=LOADED_LONG_AGO)
+    v6 = SampleBackend("::1", stack.pod_port, "7dd689-ipv6p0", stack.rest_port)
+    await v6.start()
+    stack.backends.append(v6)
+    v6_reg = PodRegistration(stack.etcd, stack.layout, v6.instance_id, "::1")
+    stack.registrations.append(v6_reg)
+    await v6_reg.register()
+    await v6_reg.add_copy("v6-model", started_ms=LOADED_LONG_AGO)
+
+    await _until_routed(client, "v6-model", {v6.instance_id})
+    assert await _route_count(client, "v6-model", how="rest") == {v6.instance_id: N}
+    assert set(await _route_count(client, "good")) == {a}
+    (row,) = await gateway_status(stack)
+    assert all(row[t].startswith("SYNCED") for t in ("CDS", "EDS", "LDS", "RDS")), row
+    assert 'modelxds_etcd_invalid_records_total{table="litelinks"} 1.0' in stack.metrics()
+    assert "pod-9.mesh.svc' is not an IP address" in stack.processes[1].log_path.read_text()
 
 
 async def test_two_gateways_get_the_same_config_and_both_route(

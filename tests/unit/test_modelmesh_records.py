@@ -205,8 +205,8 @@ def test_null_fields_mean_default() -> None:
         (parse_instance, '{"zone":"z","extra":null}', InstanceRecord(zone="z")),
         (
             parse_litelinks,
-            '{"hostname":"h","instanceId":"i","weird":{"x":1}}',
-            LitelinksRecord("h", "i"),
+            '{"hostname":"10.0.0.9","instanceId":"i","weird":{"x":1}}',
+            LitelinksRecord("10.0.0.9", "i"),
         ),
     ],
 )
@@ -232,7 +232,7 @@ Reader = Callable[[bytes | str], Parsed[Record]]
         (parse_instance, '{"startTime":"1715000000000"}', "startTime"),
         (parse_instance, '{"shutdown":0}', "shutdown"),
         (parse_litelinks, '{"hostname":["h"],"instanceId":"i"}', "hostname"),
-        (parse_litelinks, '{"hostname":"h","instanceId":7}', "instanceId"),
+        (parse_litelinks, '{"hostname":"10.0.0.9","instanceId":7}', "instanceId"),
     ],
 )
 def test_wrong_type_in_a_routing_field_skips_the_record_and_names_the_field(
@@ -260,21 +260,21 @@ def test_wrong_type_in_a_routing_field_skips_the_record_and_names_the_field(
         (read_instance, '{"actionable":"y","zone":"z"}', "actionable", InstanceRecord(zone="z")),
         (
             read_litelinks,
-            '{"hostname":"h","instanceId":"i","port":"8080"}',
+            '{"hostname":"10.0.0.9","instanceId":"i","port":"8080"}',
             "port",
-            LitelinksRecord("h", "i"),
+            LitelinksRecord("10.0.0.9", "i"),
         ),
         (
             read_litelinks,
-            '{"hostname":"h","instanceId":"i","connConfig":[]}',
+            '{"hostname":"10.0.0.9","instanceId":"i","connConfig":[]}',
             "connConfig",
-            LitelinksRecord("h", "i"),
+            LitelinksRecord("10.0.0.9", "i"),
         ),
         (
             read_litelinks,
-            '{"hostname":"h","instanceId":"i","connConfig":{"a":1}}',
+            '{"hostname":"10.0.0.9","instanceId":"i","connConfig":{"a":1}}',
             "connConfig",
-            LitelinksRecord("h", "i"),
+            LitelinksRecord("10.0.0.9", "i"),
         ),
     ],
 )
@@ -395,7 +395,7 @@ def test_encode_reproduces_the_examples(parse: Parser, raw: str) -> None:
         (parse_instance(INSTANCE_EXAMPLE), parse_instance),
         (InstanceRecord(), parse_instance),
         (parse_litelinks(LITELINKS_EXAMPLE), parse_litelinks),
-        (LitelinksRecord("h", "i"), parse_litelinks),
+        (LitelinksRecord("10.0.0.9", "i"), parse_litelinks),
     ],
 )
 def test_encode_round_trips(record: Record, parse: Parser) -> None:
@@ -415,7 +415,7 @@ def test_encode_omits_defaults() -> None:
     model = fields(ModelRecord(model_path="p", instance_ids={}, refs=0, auto_delete=False))
     # `type` may be written out; nothing that is empty, 0 or false may be
     assert set(model) - {"type"} == {"mPath"}
-    assert fields(LitelinksRecord("h", "i")) == {"hostname": "h", "instanceId": "i"}
+    assert fields(LitelinksRecord("10.0.0.9", "i")) == {"hostname": "10.0.0.9", "instanceId": "i"}
 
 
 def test_encode_keeps_non_defaults() -> None:
@@ -916,3 +916,22 @@ def test_litelinks_item() -> None:
     item = litelinks_item("10.0.0.1", 8080, 255)
     assert item == "10.0.0.1_8080_ff"
     assert Layout().parse_key(Layout().key(Table.LITELINKS, item)) == (Table.LITELINKS, item)
+
+
+@pytest.mark.parametrize(
+    ("hostname", "address"),
+    [
+        ("100.96.35.150", "100.96.35.150"),
+        ("fd00::1", "fd00::1"),
+        ("[FD00:0:0::0001]", "fd00::1"),  # bracketed and long-hand: one spelling per pod
+    ],
+)
+def test_pod_address_is_the_registered_ip_normalized(hostname: str, address: str) -> None:
+    record = parse_litelinks(json.dumps({"hostname": hostname, "instanceId": "7dd689-4zwqs"}))
+    assert record.hostname == address
+
+
+@pytest.mark.parametrize("hostname", ["pod-0.modelmesh-serving.svc", "localhost", "10.0.0.300"])
+def test_a_host_name_is_no_pod_address_and_skips_the_registration(hostname: str) -> None:
+    with pytest.raises(RecordError, match=r"field 'hostname'.*not an IP address"):
+        parse_litelinks(json.dumps({"hostname": hostname, "instanceId": "7dd689-4zwqs"}))
