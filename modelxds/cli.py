@@ -293,7 +293,9 @@ async def _placement(args: argparse.Namespace) -> int:
     except Exception as e:
         print(f"error: cannot read etcd at {args.etcd}: {_why(e, args)}", file=sys.stderr)
         return 1
-    report = placement_report(watcher.snapshot(), watcher.invalid_records())
+    report = placement_report(
+        watcher.snapshot(), watcher.invalid_records(), watcher.ignored_fields()
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -418,7 +420,11 @@ def status_rows(resp: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def placement_report(placement: Placement, invalid: dict[str, str]) -> dict[str, Any]:
+def placement_report(
+    placement: Placement, invalid: dict[str, str], ignored: dict[str, str]
+) -> dict[str, Any]:
+    """What ``modelxds placement`` prints: ``invalid`` records were skipped whole; the
+    records in ``ignored`` were kept with the named fields read as their defaults."""
     meshes = {}
     for ns, mesh in placement.meshes.items():
         meshes[ns] = {
@@ -440,7 +446,12 @@ def placement_report(placement: Placement, invalid: dict[str, str]) -> dict[str,
                 for vid, v in sorted(mesh.vmodels.items())
             },
         }
-    return {"revision": placement.revision, "namespaces": meshes, "invalid_records": invalid}
+    return {
+        "revision": placement.revision,
+        "namespaces": meshes,
+        "invalid_records": invalid,
+        "ignored_fields": ignored,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -459,6 +470,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  vmodel {vid} -> {v['active']} ({v['state']}, target {v['target']})")
     for key, why in report["invalid_records"].items():
         lines.append(f"skipped malformed record {key}: {why}")
+    for key, why in report["ignored_fields"].items():
+        lines.append(f"kept record {key}, ignoring {why}")
     return "\n".join(lines)
 
 

@@ -59,14 +59,26 @@ async def rest_seed(
 
 
 async def triton_grpc(address: str, name: str, headers: dict[str, str] | None = None) -> Any:
-    """The seed's input over gRPC with tritonclient; its ``predict`` output as a list.
+    """The seed's input over gRPC with tritonclient; its ``predict`` output as a list."""
+    return (await _tritonclient("triton_infer", address, name, headers))["predict"]
 
-    In a process of its own: tritonclient's protos share the ``inference`` package with
-    ours, and one descriptor pool cannot hold both.
-    """
+
+async def triton_http(
+    address: str, name: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The seed's input with tritonclient.http in the V2 REST ``data`` form: ``predict``,
+    ``ready`` (is_model_ready) and ``metadata`` (get_model_metadata)."""
+    return await _tritonclient("triton_http", address, name, headers)
+
+
+async def _tritonclient(
+    module: str, address: str, name: str, headers: dict[str, str] | None
+) -> dict[str, Any]:
+    """Run ``modelxds.localmesh.<module>``, in a process of its own: tritonclient's protos
+    share the ``inference`` package with ours, and one descriptor pool cannot hold both."""
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "modelxds.localmesh.triton_infer", address, name]
+        [sys.executable, "-m", f"modelxds.localmesh.{module}", address, name]
         + [f"{k}={v}" for k, v in (headers or {}).items()],
         capture_output=True,
         text=True,
@@ -74,4 +86,5 @@ async def triton_grpc(address: str, name: str, headers: dict[str, str] | None = 
     )
     if out.returncode != 0:
         raise RuntimeError(f"tritonclient failed: {out.stderr.strip()[-500:]}")
-    return json.loads(out.stdout)["predict"]
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc

@@ -38,7 +38,6 @@ from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh.restproxy import RestProxy
 from modelxds.localmesh.runtime import LoadError, MLServerRuntime
 from modelxds.modelmesh import (
-    InstanceRecord,
     Layout,
     ModelRecord,
     Table,
@@ -262,7 +261,10 @@ class MeshNode:
         name first, then the headers'): placed by compare-and-swap on a miss."""
         name = name or metadata.get("mm-vmodel-id") or metadata.get("mm-model-id") or ""
         if not name:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request names no model")
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request names no model: set model_name, or the header mm-vmodel-id or mm-model-id",
+            )
         model_id = self.resolve(name)
         if model_id not in self.watcher.tables[0].registry:
             raise _Abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not registered")
@@ -400,14 +402,8 @@ class MeshNode:
                 await self._unload(model_id)
 
     async def _publish_instance(self) -> None:
-        await self.registration.update_instance(
-            InstanceRecord(
-                start_time=now_ms(),
-                count=len(self.loaded),
-                capacity=self.capacity,
-                lru_time=min(self.loaded.values(), default=0),
-                loads_in_progress=len(self.loading),
-            )
+        await self.registration.publish_instance(
+            self.loaded.values(), loads_in_progress=len(self.loading)
         )
 
     # ------------------------------------------------------------------ vmodels (leader)

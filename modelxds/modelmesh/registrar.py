@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
+from datetime import UTC, datetime
 from types import MappingProxyType
 
 import aetcd
 
 from modelxds.modelmesh.keys import Layout, Table, litelinks_item
 from modelxds.modelmesh.records import (
+    LONG_MAX,
     InstanceRecord,
     LitelinksRecord,
     ModelRecord,
@@ -29,10 +32,36 @@ from modelxds.modelmesh.records import (
 
 LITELINKS_PORT = 8080  # ModelMesh's internal Thrift port, as registered
 THRIFT_SERVICE = "com.ibm.watson.modelmesh.thrift.ModelMeshService"
+# The service version a pod registers in litelinks. In the NAME-YYYYMMDD-BUILD form of
+# ModelMesh's builds, so that it yields a numeric `vers` as theirs do (numeric_version).
+LOCALMESH_VERSION = "modelxds-localmesh-20240601-1"
+
+_VERSION = re.compile(r".+-([0-9]{8})-([0-9]+)")
+_OLD_VERSION = re.compile(r"([0-9]{8}-[0-9]{4})(?:-([0-9]+))?")
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def numeric_version(version: str) -> int:
+    """The InstanceRecord ``vers`` ModelMesh derives from its service version string.
+
+    It is not the start time: ModelMesh (``ModelMesh.initialize``) reads
+    ``NAME-YYYYMMDD-BUILD`` as that day (UTC) in epoch ms plus BUILD, and the older
+    ``YYYYMMDD-HHMM[-BUILD]`` as that minute plus BUILD. Any other string gives 0, which
+    Jackson leaves out of the record.
+    """
+    for pattern, layout in ((_VERSION, "%Y%m%d"), (_OLD_VERSION, "%Y%m%d-%H%M")):
+        m = pattern.fullmatch(version)
+        if m is None:
+            continue
+        try:
+            at = datetime.strptime(m.group(1), layout).replace(tzinfo=UTC)
+        except ValueError:
+            return 0  # a date that does not exist (month 13, say)
+        return int(at.timestamp()) * 1000 + int(m.group(2) or 0)
+    return 0
 
 
 def etcd_client(url: str) -> aetcd.Client:
@@ -148,6 +177,7 @@ class PodRegistration:
         ttl: int = 10,
         zone: str = "",
         capacity: int = 0,
+        version: str = LOCALMESH_VERSION,
     ) -> None:
         self.client = client
         self.layout = layout
@@ -156,18 +186,20 @@ class PodRegistration:
         self.ttl = ttl
         self.zone = zone
         self.capacity = capacity
+        self.version = version  # litelinks service version
+        self.started_ms = 0  # set by register()
         self.lease_id = 0
         self._keepalive: asyncio.Task[None] | None = None
 
     async def register(self) -> None:
         lease = await self.client.lease(self.ttl)
         self.lease_id = lease.id
-        started = now_ms()
+        self.started_ms = started = now_ms()
         reg = LitelinksRecord(
             hostname=self.host,
             instance_id=self.instance_id,
             port=LITELINKS_PORT,
-            version="modelxds-localmesh",
+            version=self.version,
             registration_time=started,
             conn_config={"service.class": THRIFT_SERVICE},
         )
@@ -175,10 +207,33 @@ class PodRegistration:
         await self.client.put(
             self.layout.key(Table.LITELINKS, item).encode(), encode(reg), lease=self.lease_id
         )
-        await self.update_instance(
-            InstanceRecord(start_time=started, zone=self.zone, capacity=self.capacity)
-        )
+        await self.publish_instance()
         self._keepalive = asyncio.create_task(self._renew())
+
+    def instance_record(
+        self, last_used: Iterable[int] = (), *, loads_in_progress: int = 0
+    ) -> InstanceRecord:
+        """This pod's InstanceRecord as ModelMesh writes it; ``last_used`` holds the last-use
+        time (epoch ms) of each model loaded here."""
+        times = list(last_used)
+        return InstanceRecord(
+            start_time=self.started_ms,  # the pod's start: every update keeps it
+            version=numeric_version(self.version),
+            zone=self.zone,
+            # ModelMesh writes Long.MAX_VALUE for an empty cache, not 0: readers that look
+            # for the pod with the oldest models must not pick one that holds none
+            lru_time=min(times, default=LONG_MAX),
+            count=len(times),
+            capacity=self.capacity,
+            loads_in_progress=loads_in_progress,
+        )
+
+    async def publish_instance(
+        self, last_used: Iterable[int] = (), *, loads_in_progress: int = 0
+    ) -> None:
+        await self.update_instance(
+            self.instance_record(last_used, loads_in_progress=loads_in_progress)
+        )
 
     async def update_instance(self, record: InstanceRecord) -> None:
         await self.client.put(

@@ -169,6 +169,10 @@ class PlacementWatcher:
     def invalid_records(self) -> dict[str, str]:
         return {k: v for t in self.tables for k, v in t.invalid.items()}
 
+    def ignored_fields(self) -> dict[str, str]:
+        """Key -> the fields of a kept record that were read as their defaults, and why."""
+        return {k: v for t in self.tables for k, v in t.ignored.items()}
+
     @property
     def endpoint(self) -> str:
         """The etcd endpoint in use (URL)."""

@@ -18,7 +18,13 @@ import pytest_asyncio
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh import isvc, processes
-from modelxds.localmesh.client import rest_seed, triton_grpc
+from modelxds.localmesh.client import (
+    SEED_DATA_REQUEST,
+    predicted_digit,
+    rest_seed,
+    triton_grpc,
+    triton_http,
+)
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord, Table, parse_model, parse_vmodel
@@ -127,6 +133,52 @@ async def test_seed_request_returns_8_over_rest_and_grpc(mesh: Stack) -> None:
     # header at all (the gateway falls back to any pod, which forwards inside the mesh)
     assert await triton_grpc(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
     assert await triton_grpc(mesh.gateway, SEED_ISVC) == [[8]]
+
+
+def _curl_data_form(address: str, path: str) -> int:
+    """The V2 REST ``data`` form, as KServe's docs send it with curl."""
+    body = json.dumps(SEED_DATA_REQUEST)
+    out = subprocess.run(
+        [
+            *("curl", "-sS", "--fail-with-body", "-H", "content-type: application/json"),
+            *("-d", body, f"http://{address}{path}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return predicted_digit(json.loads(out.stdout))
+
+
+async def test_real_clients_through_the_gateway_reach_the_holder_with_no_forward(
+    mesh: Stack,
+) -> None:
+    (holder,) = (await _state(mesh, SEED_ISVC))["active_copies"]
+    forwarded = _counters(mesh, "modelmesh_forwarded_requests_total")
+    local = _counters(mesh, "modelmesh_local_requests_total")[holder]
+
+    http = await triton_http(mesh.gateway, SEED_ISVC)  # the data form, binary_data=False
+    assert http["predict"] == [[8]] and http["ready"] is True
+    # MLServer's own metadata of the model the InferenceService resolves to
+    assert http["metadata"]["name"].startswith(f"{SEED_ISVC}__isvc-")
+    for path in (f"/v2/models/{SEED_ISVC}/infer", f"/v2/models/{SEED_ISVC}/infer?trace=1"):
+        assert await asyncio.to_thread(_curl_data_form, mesh.gateway, path) == 8
+    assert await rest_seed(mesh.gateway, SEED_ISVC) == 8  # the seed's (fortio's) contents form
+    assert await triton_grpc(mesh.gateway, SEED_ISVC, {"model": SEED_ISVC}) == [[8]]
+
+    assert _counters(mesh, "modelmesh_forwarded_requests_total") == forwarded  # zero hops
+    # each inference served by the holder itself: 1 tritonclient.http, 2 curl, 1 seed, 1 gRPC
+    assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local + 5
+
+
+async def test_a_grpc_request_naming_no_model_is_invalid_argument(mesh: Stack) -> None:
+    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(pb.ModelInferRequest(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "mm-vmodel-id" in (err.value.details() or "")
 
 
 async def test_a_second_framework_serves_side_by_side(mesh: Stack) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -17,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from modelxds.localmesh import isvc
-from modelxds.localmesh.client import SEED_BODY
+from modelxds.localmesh.client import SEED_BODY, triton_http
 from modelxds.localmesh.stack import Stack, wait_until
 from modelxds.localmesh.train import SEED_INPUT
 
@@ -97,16 +95,7 @@ def _digit(doc: dict[str, Any]) -> int:
 
 async def test_tritonclient_http_infers_reads_readiness_and_metadata(mesh: Stack) -> None:
     holder, _ = await _holder(mesh)
-    script = [sys.executable, "-m", "modelxds.localmesh.triton_http"]
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [*script, mesh.rest_address(holder), SEED_ISVC],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr[-1000:]
-    doc = json.loads(out.stdout)
+    doc = await triton_http(mesh.rest_address(holder), SEED_ISVC)
     assert doc["predict"] == [[8]]
     assert doc["ready"] is True
     # MLServer's own metadata of the model the InferenceService resolves to

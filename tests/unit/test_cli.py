@@ -149,6 +149,32 @@ def test_placement_shows_what_the_server_sees(etcd: str) -> None:
     assert "skipped malformed record" in text.stdout
 
 
+def test_placement_shows_fields_it_ignored_in_records_it_kept(etcd: str) -> None:
+    rp = "rp-ignored/mm/modelmesh-serving"
+    pod = f"{rp}/instances/7dd689-4zwqs"
+    _put(etcd, pod, '{"startTime":1,"vers":"abc","rpm":2}')
+    _put(
+        etcd,
+        "rp-ignored/litelinks/modelmesh-serving/100.96.35.150_8080_1",
+        '{"hostname":"100.96.35.150","instanceId":"7dd689-4zwqs","port":8080}',
+    )
+
+    out = _modelxds("placement", "--etcd", etcd, "--root-prefix", "rp-ignored", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report) == {"revision", "namespaces", "invalid_records", "ignored_fields"}
+    assert report["invalid_records"] == {}
+    assert list(report["ignored_fields"]) == [pod]
+    assert "'vers'" in report["ignored_fields"][pod]
+    # the record is kept: the pod still serves
+    assert list(report["namespaces"]["modelmesh-serving"]["instances"]) == ["7dd689-4zwqs"]
+
+    text = _modelxds("placement", "--etcd", etcd, "--root-prefix", "rp-ignored")
+    assert text.returncode == 0, text.stderr
+    assert f"kept record {pod}, ignoring field 'vers'" in text.stdout
+    assert "skipped malformed record" not in text.stdout
+
+
 def test_placement_names_an_unreachable_etcd() -> None:
     port = processes.free_port()
     out = _modelxds("placement", "--etcd", f"http://127.0.0.1:{port}")

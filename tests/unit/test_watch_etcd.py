@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,11 +18,24 @@ from aetcd import rpc
 from prometheus_client import REGISTRY
 
 from modelxds.localmesh.processes import free_port, start_etcd
-from modelxds.modelmesh import InstanceRecord, Layout, ModelRecord, Table, VModelRecord, encode
+from modelxds.modelmesh import (
+    InstanceRecord,
+    Layout,
+    ModelRecord,
+    Table,
+    VModelRecord,
+    encode,
+    litelinks_item,
+    read_instance,
+    read_litelinks,
+)
 from modelxds.modelmesh.registrar import (
+    LITELINKS_PORT,
+    LOCALMESH_VERSION,
     PodRegistration,
     etcd_client,
     now_ms,
+    numeric_version,
     put_vmodel,
 )
 from modelxds.placement.model import MeshPlacement, Placement
@@ -351,6 +365,68 @@ async def test_watcher_recovers_when_etcd_restarts(tmp_path: Path, layout: Layou
         await reg.stop(revoke=False)
         await c.close()
         etcd.stop()
+
+
+JAVA_LONG_MAX = 9223372036854775807  # Long.MAX_VALUE: ModelMesh's lruTime of an empty pod
+
+
+async def test_registrar_writes_instance_records_as_modelmesh_does(
+    etcd_url: str, client: aetcd.Client, layout: Layout, pods: MakePod
+) -> None:
+    a = pods(layout, "7dd689-aaaaa", "10.9.0.1")
+    await a.register()
+    key = layout.key(Table.INSTANCES, "7dd689-aaaaa").encode()
+
+    async def written() -> tuple[InstanceRecord, dict[str, object]]:
+        got = await client.get(key)
+        assert got is not None
+        parsed = read_instance(got.value)
+        assert parsed.problems == ()
+        doc = json.loads(got.value)
+        for name in ("startTime", "vers", "lruTime"):
+            assert type(doc[name]) is int, f"{name} is a JSON number: {got.value!r}"
+        return parsed.record, doc
+
+    empty, doc = await written()
+    assert doc["lruTime"] == empty.lru_time == JAVA_LONG_MAX  # no model loaded
+    assert empty.start_time == a.started_ms
+    # vers is ModelMesh's numeric form of the version registered in litelinks
+    item = litelinks_item("10.9.0.1", LITELINKS_PORT, a.started_ms)
+    reg = await client.get(layout.key(Table.LITELINKS, item).encode())
+    assert reg is not None and read_litelinks(reg.value).record.version == LOCALMESH_VERSION
+    assert doc["vers"] == empty.version == numeric_version(LOCALMESH_VERSION) > 2**31
+
+    await a.publish_instance([LONG_AGO + 5, LONG_AGO, LONG_AGO + 9], loads_in_progress=1)
+    busy, doc = await written()
+    assert (busy.lru_time, busy.count, busy.loads_in_progress) == (LONG_AGO, 3, 1)
+    assert (busy.start_time, busy.version) == (empty.start_time, empty.version)
+
+    w = watcher_for(etcd_url, (NS, layout))
+    await w.list_once()
+    assert w.ignored_fields() == {} and w.invalid_records() == {}
+    assert set(w.snapshot().meshes[NS].instances) == {"7dd689-aaaaa"}
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        # NAME-YYYYMMDD-BUILD: that day (UTC) in epoch ms, plus the build number
+        ("modelmesh-20230710-12", 1688947200_000 + 12),
+        (LOCALMESH_VERSION, 1717200000_000 + 1),
+        # the older YYYYMMDD-HHMM[-BUILD]: that minute, plus the build number
+        ("20170515-1330", 1494855000_000),
+        ("20170515-1330-7", 1494855000_000 + 7),
+        # anything else: 0, which leaves vers out of the record
+        ("20220721-36830", 0),
+        ("modelxds-localmesh", 0),
+        ("x-20231399-1", 0),
+        ("", 0),
+    ],
+)
+def test_numeric_version_reads_version_strings_as_modelmesh_does(
+    version: str, expected: int
+) -> None:
+    assert numeric_version(version) == expected
 
 
 # ---- fields of the wrong type outside routing: kept, reported once per key ----
