@@ -279,8 +279,16 @@ class Stack:
 
     async def _wait_gateway_listening(self, timeout: float = 30) -> None:
         async def listening() -> bool:
-            stats = await asyncio.to_thread(processes.admin_get, self.admin, "/listeners")
-            return f":{self.gateway_port}" in stats
+            # admin lists a listener while it still warms (waits for its routes), before
+            # it accepts connections: ask the port itself
+            host, port = self.gateway.rsplit(":", 1)
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+            return True
 
         await wait_until(listening, timeout, f"gateway listener on port {self.gateway_port}")
 

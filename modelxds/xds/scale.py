@@ -65,6 +65,7 @@ from modelxds.xds.translate import (
     GRPC_NOT_FOUND,
     GRPC_UNAVAILABLE,
     LB_NAMESPACE,
+    LUA_IS_GRPC,
     NO_HOLDER_HEADER,
     Destination,
     Options,
@@ -292,9 +293,8 @@ def route_by_model(
     """
     rest_choice = ""
     if rest_prefix is not None:
-        # Envoy's own test for gRPC: the content type starts with application/grpc
         rest_choice = f"""\
-  if (headers:get("content-type") or ""):sub(1, 16) ~= "application/grpc" then
+  if not ({LUA_IS_GRPC}) then
     prefix = {_lua_string(rest_prefix)}
   end
 """

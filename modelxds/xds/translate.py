@@ -57,6 +57,12 @@ GRPC_METADATA_PREFIX = "grpc-metadata-"
 # Set on the gateway's own "no pod holds the model" answers, so the response filter can
 # give gRPC clients NOT_FOUND: Envoy maps an HTTP 404 to UNIMPLEMENTED for them.
 NO_HOLDER_HEADER = "x-modelxds-no-holder"
+# Lua: is the request gRPC? Envoy's own test: the content type starts with application/grpc
+LUA_IS_GRPC = '(headers:get("content-type") or ""):sub(1, 16) == "application/grpc"'
+# gRPC status codes in the gateway's own answers
+GRPC_INVALID_ARGUMENT = 3
+GRPC_NOT_FOUND = 5
+GRPC_UNAVAILABLE = 14
 
 _FALLBACK = {
     FallbackPolicy.ANY_ENDPOINT: cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
@@ -175,8 +181,9 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
                 route_name,
                 d,
                 [
-                    _route(d, grpc_match(), grpc),
-                    _route(d, rest_match(), rest),
+                    _route(grpc_match(), grpc),
+                    # REST to the REST proxy's cluster, or transcoded to gRPC's
+                    _route(rest_match(), rest, rest_proxy=d.rest_port is not None),
                     no_model_route(d.http),
                 ],
             )
@@ -346,10 +353,14 @@ def build_listener(
     )
 
 
-def error_body(message: str, grpc_code: int) -> str:
+def error_doc(message: str, grpc_code: int) -> dict[str, str | int]:
     """A gateway error as the pods' REST proxy words its own: the V2 REST protocol's
     ``error`` and grpc-gateway's ``code`` / ``message``, so either kind of client reads it."""
-    return json.dumps({"error": message, "code": grpc_code, "message": message})
+    return {"error": message, "code": grpc_code, "message": message}
+
+
+def error_body(message: str, grpc_code: int) -> str:
+    return json.dumps(error_doc(message, grpc_code))
 
 
 def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
@@ -360,13 +371,14 @@ def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
     names_model = metadata_pb2.MetadataMatcher(
         filter=LB_NAMESPACE,
         path=[metadata_pb2.MetadataMatcher.PathSegment(key=model_key)],
-        value=_ANY_STRING,
+        value=value_pb2.ValueMatcher(
+            string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
+        ),
     )
     message = (
         f"no pod holds model '%DYNAMIC_METADATA({LB_NAMESPACE}:{model_key})%' "
         "and the DestinationRule's fallbackPolicy is NO_FALLBACK"
     )
-    body = json.loads(error_body(message, GRPC_NOT_FOUND))
     mapper = hcm_pb2.ResponseMapper(
         filter=Filter(
             and_filter=accesslog_pb2.AndFilter(
@@ -384,16 +396,8 @@ def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
         status_code=wrappers_pb2.UInt32Value(value=404),
         headers_to_add=[_header(NO_HOLDER_HEADER, "true")],
     )
-    mapper.body_format_override.json_format.update(body)
+    mapper.body_format_override.json_format.update(error_doc(message, GRPC_NOT_FOUND))
     return hcm_pb2.LocalReplyConfig(mappers=[mapper])
-
-
-GRPC_INVALID_ARGUMENT = 3
-GRPC_NOT_FOUND = 5
-GRPC_UNAVAILABLE = 14
-_ANY_STRING = value_pb2.ValueMatcher(
-    string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
-)
 
 
 def grpc_not_found() -> lua_pb2.Lua:
@@ -426,8 +430,7 @@ def data_form_guard() -> lua_pb2.Lua:
 local BODY = {_lua_long_string(error_body(message, GRPC_INVALID_ARGUMENT))}
 function envoy_on_request(request)
   local headers = request:headers()
-  local content_type = headers:get("content-type") or ""
-  if headers:get(":method") ~= "POST" or content_type:sub(1, 16) == "application/grpc" then
+  if headers:get(":method") ~= "POST" or {LUA_IS_GRPC} then
     return
   end
   local body = request:body()
@@ -504,10 +507,9 @@ def rest_match() -> route_components_pb2.RouteMatch:
 
 
 def _route(
-    d: Destination, match: route_components_pb2.RouteMatch, cluster: str
+    match: route_components_pb2.RouteMatch, cluster: str, *, rest_proxy: bool = False
 ) -> route_components_pb2.Route:
-    """To ``cluster``'s pods: gRPC, or REST when ``match`` is ``rest_match()``."""
-    rest = match.HasField("safe_regex") and d.rest_port is not None
+    """To ``cluster``'s pods: their gRPC port, or with ``rest_proxy`` their REST proxy."""
     return route_components_pb2.Route(
         match=match,
         route=route_components_pb2.RouteAction(
@@ -516,7 +518,7 @@ def _route(
             timeout=duration_pb2.Duration(seconds=0),
             retry_policy=retry_policy(),
         ),
-        request_headers_to_add=[balanced_header(rest=rest)],
+        request_headers_to_add=[balanced_header(rest=rest_proxy)],
     )
 
 

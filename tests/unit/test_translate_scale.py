@@ -203,7 +203,7 @@ def test_lua_filter_computes_route_bucket_and_routes_again() -> None:
     assert f'headers:replace("{SHARD_HEADER}", prefix .. shard)' in script
     # anything but gRPC (as Envoy tells it: by content type) takes the REST tables
     assert (
-        'if (headers:get("content-type") or ""):sub(1, 16) ~= "application/grpc" then\n'
+        'if not ((headers:get("content-type") or ""):sub(1, 16) == "application/grpc") then\n'
         '    prefix = "8008/rest/"'
     ) in script
     # a client cannot pick the route itself: the model header is replaced or removed
