@@ -20,11 +20,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from aetcd import rpc
 from cryptography import x509
@@ -32,7 +32,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from modelxds.kserve import grpc_predict_v2_pb2 as pb
+from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh import processes
+from modelxds.localmesh.sample import SampleBackend
+from modelxds.localmesh.stack import seed_policy, wait_until
 from modelxds.modelmesh import (
     InstanceRecord,
     Layout,
@@ -44,6 +48,7 @@ from modelxds.modelmesh import (
 from modelxds.modelmesh.keys import litelinks_item
 from modelxds.placement.etcd import EtcdConnection, EtcdSession
 from modelxds.placement.watch import PlacementWatcher
+from modelxds.xds.bootstrap import bootstrap
 
 pytestmark = pytest.mark.e2e
 
@@ -282,9 +287,12 @@ async def put(s: EtcdSession, key: str, value: bytes) -> None:
     await s.call(kv.Put, rpc.PutRequest(key=key.encode(), value=value), timeout=10)
 
 
+POD_ID, POD_HOST = "7dd689-tlsaa", "127.0.9.7"
+
+
 async def write_pod_and_model(s: EtcdSession, layout: Layout, model: str) -> None:
     """A live pod (litelinks + instance record) holding ``model``, as ModelMesh writes it."""
-    iid, host = "7dd689-tlsaa", "10.9.0.7"
+    iid, host = POD_ID, POD_HOST
     started = int(time.time() * 1000)
     reg = LitelinksRecord(hostname=host, instance_id=iid, port=8080, registration_time=started)
     await put(s, layout.key(Table.LITELINKS, litelinks_item(host, 8080, started)), encode(reg))
@@ -324,11 +332,17 @@ async def test_placement_reads_through_mutual_tls_and_authentication(
     assert PASSWORD not in out.stdout + out.stderr
 
 
-async def test_serve_starts_and_serves_what_it_reads(etcd: SecureEtcd, tmp_path: Path) -> None:
+async def test_serve_routes_what_it_reads_through_a_real_envoy(
+    etcd: SecureEtcd, tmp_path: Path
+) -> None:
     conn = connection_file(etcd, tmp_path / "secret", "rp-tls-serve")
     async with session(EtcdConnection.from_file(conn)) as s:
         await write_pod_and_model(s, Layout("rp-tls-serve"), "served-model")
-    metrics = f"127.0.0.1:{processes.free_port()}"
+    pod = SampleBackend(POD_HOST, processes.free_port(POD_HOST), POD_ID)
+    await pod.start()
+    gateway_port, xds, admin = (processes.free_port() for _ in range(3))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(seed_policy(gateway_port, pod.port))
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -339,32 +353,45 @@ async def test_serve_starts_and_serves_what_it_reads(etcd: SecureEtcd, tmp_path:
                 "serve",
                 "--etcd-connection",
                 str(conn),
+                "--policy",
+                str(policy),
+                "--listen-address",
+                "127.0.0.1",
                 "--xds-address",
-                f"127.0.0.1:{processes.free_port()}",
+                f"127.0.0.1:{xds}",
                 "--metrics-address",
-                metrics,
+                "",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=_env(),
         )
+    envoy = processes.start_envoy(
+        "envoy", bootstrap(f"127.0.0.1:{xds}", "gateway-0", f"127.0.0.1:{admin}"), tmp_path
+    )
     try:
-        deadline = time.monotonic() + 20
-        seen = ""
-        while f'modelxds_models{{namespace="{NS}"}} 1.0' not in seen:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.2)
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://{metrics}/metrics", timeout=2) as resp,
-            ):
-                seen = resp.read().decode()
-        text = log.read_text()
-        assert f"watching etcd {etcd.url}: {NS}=rp-tls-serve" in text
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def routed() -> bool:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    await stub.ModelInfer(
+                        pb.ModelInferRequest(model_name="served-model"),
+                        metadata=(("model", "served-model"),),
+                        timeout=2,
+                    )
+                except grpc.aio.AioRpcError:
+                    return False
+                return pod.served["served-model"] > 0
+
+            await wait_until(routed, 20, "a request routed to the pod read over TLS")
+        assert f"watching etcd {etcd.url}: {NS}=rp-tls-serve" in log.read_text()
     finally:
+        envoy.stop()
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+        await pod.stop()
     assert PASSWORD not in log.read_text()
 
 
