@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import resource
 import statistics
@@ -43,19 +44,28 @@ from modelxds.xds.bootstrap import bootstrap
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
 from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
 from modelxds.xds.server import AdsServer
-from modelxds.xds.translate import Options
+from modelxds.xds.translate import Options, RestMode
 
 
 class World:
     """Record tables, the incremental index and a translator: what `serve` runs, minus etcd."""
 
-    def __init__(self, models: int, pods: int, strategy_name: str, port: int) -> None:
+    def __init__(
+        self,
+        models: int,
+        pods: int,
+        strategy_name: str,
+        port: int,
+        rest: RestMode = RestMode.PROXY,
+    ) -> None:
         self.t = tables(models, pods, 3)
         self.index = MeshIndex("modelmesh-serving")
         self.changes = Changes()
         self.changes.all(self.t["registry"], self.t["vmodels"])
         self.policy: Policy = parse_policy(SEED_POLICY_YAML.replace("8008", str(port)))
-        self.options = Options(descriptor_set=descriptor_set_bytes(), listen_address="127.0.0.1")
+        self.options = Options(
+            descriptor_set=descriptor_set_bytes(), listen_address="127.0.0.1", rest=rest
+        )
         self.translate = strategy(strategy_name)
         self.rnd = random.Random(3)
         self.now = NOW
@@ -118,9 +128,15 @@ async def _ads_server() -> tuple[SnapshotCache, AdsServer, grpc.aio.Server, int]
 
 
 async def envoy_run(
-    models: int, pods: int, strategy_name: str, concurrency: int, pushes: int, workdir: Path
+    models: int,
+    pods: int,
+    strategy_name: str,
+    concurrency: int,
+    pushes: int,
+    workdir: Path,
+    rest: RestMode = RestMode.PROXY,
 ) -> dict[str, Any]:
-    world = World(models, pods, strategy_name, processes.free_port())
+    world = World(models, pods, strategy_name, processes.free_port(), rest)
     cache, ads, server, port = await _ads_server()
     admin = f"127.0.0.1:{processes.free_port()}"
     envoy = processes.start_envoy(
@@ -147,6 +163,7 @@ async def envoy_run(
             pushed.append(sum(_sent_bytes(before[t], cache.get(t)) for t in changed))
         return {
             "strategy": strategy_name,
+            "rest": rest.value,
             "models": models,
             "pods": pods,
             "concurrency": concurrency,
@@ -258,6 +275,12 @@ def main() -> None:
     p.add_argument("--sizes", default="1000x10,20000x100,100000x500")
     p.add_argument("--strategies", default="subset,scale")
     p.add_argument("--concurrency", default="2,8")
+    p.add_argument(
+        "--rest",
+        default="proxy",
+        help="REST modes of the Envoy runs, comma-separated: proxy (routes to the pods' REST "
+        "proxy, a second set of routes) and/or transcode",
+    )
     p.add_argument("--pushes", type=int, default=5)
     p.add_argument("--gateways", type=int, default=100)
     p.add_argument(
@@ -271,17 +294,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modelxds-scale-") as tmp:
         for size in args.sizes.split(","):
             models, pods = (int(x) for x in size.split("x"))
-            for name in args.strategies.split(","):
-                for c in (int(x) for x in args.concurrency.split(",")):
-                    r = asyncio.run(envoy_run(models, pods, name, c, args.pushes, Path(tmp)))
-                    print(
-                        f"{models:>6}/{pods:<3} {name:<6} c={c}: push build "
-                        f"{r['push_build_serialize']['p50_ms']} ms, {r['push_bytes'] / 1e6:.2f}"
-                        f" MB, Envoy apply p50 {r['push_envoy_apply']['p50_ms']} ms, "
-                        f"RSS {r['envoy_rss_mb']} MB, initial {r['initial_apply_s']} s",
-                        flush=True,
-                    )
-                    results["envoy"].append(r)
+            for name, rest, c in itertools.product(
+                args.strategies.split(","),
+                [RestMode(r) for r in args.rest.split(",")],
+                [int(x) for x in args.concurrency.split(",")],
+            ):
+                r = asyncio.run(envoy_run(models, pods, name, c, args.pushes, Path(tmp), rest))
+                print(
+                    f"{models:>6}/{pods:<3} {name:<6} {rest.value:<9} c={c}: push build "
+                    f"{r['push_build_serialize']['p50_ms']} ms, {r['push_bytes'] / 1e6:.2f}"
+                    f" MB, Envoy apply p50 {r['push_envoy_apply']['p50_ms']} ms, "
+                    f"RSS {r['envoy_rss_mb']} MB, initial {r['initial_apply_s']} s",
+                    flush=True,
+                )
+                results["envoy"].append(r)
         for size in filter(None, args.convergence_sizes.split(",")):
             models, pods = (int(x) for x in size.split("x"))
             for name in args.strategies.split(","):
