@@ -27,8 +27,9 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -56,6 +57,8 @@ from modelxds.placement.model import MeshPlacement
 from modelxds.placement.watch import PlacementWatcher
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Marks a request one pod sent another: it is served where it lands, never forwarded again.
 FORWARDED_BY = "x-modelxds-forwarded-by"
@@ -474,19 +477,12 @@ class _Servicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        try:
-            return await self.node.infer(request, metadata)
-        except _Abort as e:
-            await context.abort(e.code, e.message)
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details() or "runtime error")
-        raise AssertionError("unreachable")
+        return await _answer(self.node.infer(request, _metadata(context)), context)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        metadata = _metadata(context)
         model_id = self.node.resolve(request.name)
         if metadata.get(ENSURE_LOADED) == "true":
             try:
@@ -515,14 +511,23 @@ class _Servicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        try:
-            return await self.node.model_metadata(request, metadata)
-        except _Abort as e:
-            await context.abort(e.code, e.message)
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details() or "runtime error")
-        raise AssertionError("unreachable")
+        return await _answer(self.node.model_metadata(request, _metadata(context)), context)
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+async def _answer(call: Awaitable[_T], context: grpc.aio.ServicerContext) -> _T:
+    """The node's answer, or its error (its own, or a peer's or the runtime's) as the
+    call's status."""
+    try:
+        return await call
+    except _Abort as e:
+        await context.abort(e.code, e.message)
+    except grpc.aio.AioRpcError as e:
+        await context.abort(e.code(), e.details() or "runtime error")
+    raise AssertionError("unreachable")  # abort() raises
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

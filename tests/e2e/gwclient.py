@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +63,32 @@ class Client:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+async def http_json(
+    address: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One HTTP request, as curl sends it: (status, JSON body, {} when empty), errors too."""
+    req = urllib.request.Request(
+        f"http://{address}{path}",
+        method=method,
+        data=body,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
+
+    def send() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, bytes(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, raw = await asyncio.to_thread(send)  # the pods may run in this event loop
+    return status, json.loads(raw) if raw else {}
 
 
 def _instance(raw: bytes) -> str:

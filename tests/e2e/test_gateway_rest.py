@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from modelxds.localmesh import processes
 from modelxds.localmesh.stack import Stack, pod_host, pod_instance_id, seed_policy
-from tests.e2e.gwclient import Client, rest_bytes
+from tests.e2e.gwclient import Client, http_json, rest_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -28,22 +28,8 @@ MODEL = "example-mnist-isvc"
 async def _http(
     stack: Stack, method: str, path: str, body: dict[str, Any] | None = None
 ) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        f"http://{stack.gateway}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-
-    def send() -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, bytes(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    status, raw = await asyncio.to_thread(send)  # the pods run in this event loop
-    return status, json.loads(raw) if raw else {}
+    data = None if body is None else json.dumps(body).encode()
+    return await http_json(stack.gateway, method, path, data)
 
 
 def _infer_body() -> dict[str, Any]:

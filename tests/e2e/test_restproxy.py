@@ -3,10 +3,7 @@ a real tritonclient.http, raw JSON in both forms, and ModelMesh routing through 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from modelxds.localmesh import isvc
 from modelxds.localmesh.client import SEED_BODY, triton_http
 from modelxds.localmesh.stack import Stack, wait_until
 from modelxds.localmesh.train import SEED_INPUT
+from tests.e2e.gwclient import http_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -66,20 +64,7 @@ async def _post(
     address: str, name: str, body: bytes, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any]]:
     """curl -X POST http://<address>/v2/models/<name>/infer: (status, JSON body)."""
-    req = urllib.request.Request(
-        f"http://{address}/v2/models/{name}/infer",
-        data=body,
-        headers={"content-type": "application/json", **(headers or {})},
-    )
-
-    def send() -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    return await asyncio.to_thread(send)  # the pods' REST proxies answer in other processes
+    return await http_json(address, "POST", f"/v2/models/{name}/infer", body, headers)
 
 
 def _data_form(nested: bool) -> bytes:
