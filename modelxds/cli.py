@@ -29,6 +29,12 @@ def _env(flag: str) -> str:
     return "MODELXDS_" + flag.lstrip("-").upper().replace("-", "_")
 
 
+def _port(text: str) -> int:
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+
+
 def _add(p: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
     """A flag whose default comes from MODELXDS_<FLAG> when set."""
     env = _env(flag)
@@ -39,7 +45,10 @@ def _add(p: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
         elif kw.get("action") == "store_true":
             kw["default"] = raw.lower() in ("1", "true", "yes")
         else:
-            kw["default"] = kw.get("type", str)(raw)
+            try:
+                kw["default"] = kw.get("type", str)(raw)
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise SystemExit(f"error: {env}: {e}") from None
     default = kw.get("default")
     shown = f" (default: {default})" if default not in (None, False, []) else ""
     p.add_argument(flag, help=f"{help}{shown} [env {env}]", **kw)
@@ -163,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rest-port",
         "the pods' REST proxy port, unless a VirtualService's "
         f"{REST_PORT_ANNOTATION} annotation names another",
-        type=int,
+        type=_port,
         default=8008,
     )
     _add(serve, "--xds-address", "ADS gRPC listen address HOST:PORT", default=DEFAULT_XDS)

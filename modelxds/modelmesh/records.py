@@ -393,12 +393,19 @@ def pod_ip(hostname: str) -> str:
     the record is skipped, which leaves that pod alone without direct traffic.
     """
     try:
-        return str(ipaddress.ip_address(hostname.removeprefix("[").removesuffix("]")))
+        ip = ipaddress.ip_address(hostname.removeprefix("[").removesuffix("]"))
     except ValueError:
         raise RecordError(
             f"field 'hostname': {hostname[:100]!r} is not an IP address; modelxds routes to "
             "pod IPs, so this pod gets no direct traffic"
         ) from None
+    # Envoy rejects a zone id ("fe80::1%eth0") like a name; an unspecified or multicast
+    # address is no pod's: 0.0.0.0 would send the pod's traffic to the gateway's own host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise RecordError(f"field 'hostname': {hostname[:100]!r} has a zone id; need a pod IP")
+    if ip.is_unspecified or ip.is_multicast:
+        raise RecordError(f"field 'hostname': {hostname[:100]!r} is not a pod's unicast IP")
+    return str(ip)
 
 
 READERS: dict[Table, Callable[[bytes | str], Parsed[Record]]] = {
@@ -439,10 +446,12 @@ def encode(record: Record) -> bytes:
     out: dict[str, Any] = {}
     for name, attr, _, _ in _SPECS[type(record)]:
         value = getattr(record, attr)
-        if value in (None, "", 0, False) or (hasattr(value, "__len__") and len(value) == 0):
+        if attr == "type":
+            # absent means NLCLASSIFIER, so an empty type is written to stay empty
+            if value == DEFAULT_MODEL_TYPE:
+                continue
+        elif value in (None, "", 0, False) or (hasattr(value, "__len__") and len(value) == 0):
             continue
-        if attr == "type" and value == DEFAULT_MODEL_TYPE:
-            continue  # absent means this type
         if isinstance(value, Mapping):
             value = dict(value)
         elif isinstance(value, tuple):

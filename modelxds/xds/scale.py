@@ -80,7 +80,6 @@ from modelxds.xds.translate import (
     destinations,
     eds_cluster,
     error_body,
-    grpc_not_found,
     http2_upstream,
     listener_name,
     model_keys,
@@ -113,17 +112,20 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
         miss = model_miss_policy(d)
         for listen_port in d.http.ports:
             lua = route_by_model(
-                model_keys(d.http),
-                shard_prefix(listen_port, rest=False),
-                shard_prefix(listen_port, rest=True) if d.rest_port is not None else None,
-                buckets,
+                model_keys(d.http), listen_port, buckets, rest_proxy=d.rest_port is not None
             )
-            filters = [_http_filter("envoy.filters.http.lua", lua)]
-            if miss is FallbackPolicy.NO_FALLBACK:
-                filters.append(_http_filter("envoy.filters.http.lua", grpc_not_found()))
             listeners[listener_name(options, listen_port)] = build_listener(
-                listen_port, scoped_routes(listen_port), d.http, options, filters
+                listen_port,
+                scoped_routes(listen_port),
+                d.http,
+                options,
+                [_http_filter("envoy.filters.http.lua", lua)],
+                grpc_not_found=miss is FallbackPolicy.NO_FALLBACK,
             )
+            if d.rest_port is None:  # REST outside the V2 API, which nothing transcodes
+                name = f"{shard_prefix(listen_port, rest=True)}{NO_MODEL}"
+                scopes[name] = build_scope(name)
+                routes[name] = build_shard_table(name, _refusal_vhost(d), {}, "", 0, True)
         # gRPC to the pods' gRPC port; REST, unless transcoded, to their REST proxy
         protocols = [(d.port, False)] + ([(d.rest_port, True)] if d.rest_port is not None else [])
         for port, rest in protocols:
@@ -282,22 +284,21 @@ def _add_endpoints(
 
 @lru_cache(maxsize=64)
 def route_by_model(
-    keys: tuple[str, ...], prefix: str, rest_prefix: str | None, buckets: int
+    keys: tuple[str, ...], listen_port: int, buckets: int, *, rest_proxy: bool
 ) -> lua_pb2.Lua:
     """The Lua filter: the model named in ``envoy.lb`` (set by header_to_metadata, the
-    first of ``keys`` present) -> the model header and the shard header (``prefix``, or
-    ``rest_prefix`` for a request that is not gRPC, + its route bucket), then route again.
+    first of ``keys`` present) -> the model header and the shard header (the listener's
+    shard prefix + the model's route bucket), then route again.
+
+    REST takes the REST tables with ``rest_proxy`` (else the gRPC ones: the transcoder
+    makes it gRPC); REST outside the V2 API takes the REST table of requests without a
+    model whatever its headers say, which answers it 400, as the subset strategy does.
 
     Envoy picks a route before the first HTTP filter runs and keeps it unless a filter
     clears that cache; no built-in filter does so for a header it sets.
     """
-    rest_choice = ""
-    if rest_prefix is not None:
-        rest_choice = f"""\
-  if not ({LUA_IS_GRPC}) then
-    prefix = {_lua_string(rest_prefix)}
-  end
-"""
+    grpc_prefix = shard_prefix(listen_port, rest=False)
+    rest_prefix = shard_prefix(listen_port, rest=True)
     script = f"""\
 local KEYS = {{{", ".join(map(_lua_string, keys))}}}
 function envoy_on_request(request)
@@ -311,8 +312,17 @@ function envoy_on_request(request)
     end
   end
   local headers = request:headers()
-  local prefix = {_lua_string(prefix)}
-{rest_choice}  local shard = "{NO_MODEL}"
+  local prefix = {_lua_string(grpc_prefix)}
+  if not ({LUA_IS_GRPC}) then
+    local path = (headers:get(":path") or ""):match("^[^?]*")
+    if path ~= "/v2" and path:sub(1, 4) ~= "/v2/" then
+      model = nil
+      prefix = {_lua_string(rest_prefix)}
+    else
+      prefix = {_lua_string(rest_prefix if rest_proxy else grpc_prefix)}
+    end
+  end
+  local shard = "{NO_MODEL}"
   if model == nil then
     headers:remove("{MODEL_HEADER}")
   else
@@ -403,12 +413,24 @@ def _virtual_host(
         retry_policy=failover_retry_policy(),
         request_headers_to_add=[balanced_header(rest=rest)],
     )
-    route = _fallback_route(fallback, d, service, pods)
+    route = _fallback_route(fallback, d, service, pods, model_miss=not no_model)
     if rest and no_model:
         route.match.CopyFrom(rest_match())
         vhost.routes.extend([route, no_model_route(d.http)])
     else:
         vhost.matcher.on_no_match.CopyFrom(_route_on_match(route))
+    serialized: bytes = vhost.SerializeToString(deterministic=True)
+    return serialized
+
+
+def _refusal_vhost(d: Destination) -> bytes:
+    """The REST table of requests without a model under ``--rest transcode``: only REST
+    outside the V2 API comes here (the V2 API is transcoded to gRPC), and it is refused."""
+    vhost = route_components_pb2.VirtualHost(
+        name=f"{d.vs.namespace}/{d.vs.name}",
+        domains=list(d.vs.hosts) or ["*"],
+        routes=[no_model_route(d.http)],
+    )
     serialized: bytes = vhost.SerializeToString(deterministic=True)
     return serialized
 
@@ -475,7 +497,12 @@ _ANY_PATH = route_components_pb2.RouteMatch(prefix="/")
 
 
 def _fallback_route(
-    policy: FallbackPolicy, d: Destination, service: str, pods: Mapping[str, str]
+    policy: FallbackPolicy,
+    d: Destination,
+    service: str,
+    pods: Mapping[str, str],
+    *,
+    model_miss: bool,
 ) -> route_components_pb2.Route:
     if policy is FallbackPolicy.ANY_ENDPOINT:
         return _any_path_route(
@@ -488,8 +515,9 @@ def _fallback_route(
         if holders:
             return _any_path_route(_spread(tuple(pods[i] for i in holders)))
     # As the subset strategy answers: NO_FALLBACK with pods up is a model no pod holds
-    # (404, gRPC NOT_FOUND); no pod at all, or an empty default subset, is 503.
-    if policy is FallbackPolicy.NO_FALLBACK and d.mesh.instances:
+    # (404, gRPC NOT_FOUND); a request naming no model, no pod at all, or an empty
+    # default subset is 503.
+    if policy is FallbackPolicy.NO_FALLBACK and model_miss and d.mesh.instances:
         status, body = (
             404,
             error_body(

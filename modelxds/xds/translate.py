@@ -57,6 +57,8 @@ GRPC_METADATA_PREFIX = "grpc-metadata-"
 # Set on the gateway's own "no pod holds the model" answers, so the response filter can
 # give gRPC clients NOT_FOUND: Envoy maps an HTTP 404 to UNIMPLEMENTED for them.
 NO_HOLDER_HEADER = "x-modelxds-no-holder"
+# Set by the subset strategy's routes while a destination has no live pod at all.
+NO_PODS_HEADER = "x-modelxds-no-pods"
 # Lua: is the request gRPC? Envoy's own test: the content type starts with application/grpc
 LUA_IS_GRPC = '(headers:get("content-type") or ""):sub(1, 16) == "application/grpc"'
 # gRPC status codes in the gateway's own answers
@@ -165,9 +167,11 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
             rest = cluster_name(d.fqdn, d.rest_port, rest=True)
             clusters[rest] = build_cluster(rest, d.rule, options, http2=False)
             endpoints[rest] = build_endpoints(rest, d.mesh, keys, d.rest_port)
-        # under NO_FALLBACK with pods up, a request the subset LB finds no host for asks
-        # for a model no pod holds; with no pod at all, 503 stays the right answer
-        not_found = model_miss_policy(d) is FallbackPolicy.NO_FALLBACK and bool(d.mesh.instances)
+        # under NO_FALLBACK a request the subset LB finds no host for asks for a model no
+        # pod holds, unless there is no pod at all: the routes say which (RDS, so the
+        # listener stays as it is when the last pod goes or the first comes)
+        not_found = model_miss_policy(d) is FallbackPolicy.NO_FALLBACK
+        pods_up = bool(d.mesh.instances)
         for listen_port in d.http.ports:
             route_name = str(listen_port)
             listeners[listener_name(options, listen_port)] = build_listener(
@@ -176,14 +180,15 @@ def translate(placement: Placement, policy: Policy, options: Options) -> Resourc
                 d.http,
                 options,
                 local_reply=no_holder_reply(d.http) if not_found else None,
+                grpc_not_found=not_found,
             )
             routes[route_name] = route_config(
                 route_name,
                 d,
                 [
-                    _route(grpc_match(), grpc),
+                    _route(grpc_match(), grpc, pods_up=pods_up),
                     # REST to the REST proxy's cluster, or transcoded to gRPC's
-                    _route(rest_match(), rest, rest_proxy=d.rest_port is not None),
+                    _route(rest_match(), rest, pods_up=pods_up, rest_proxy=d.rest_port is not None),
                     no_model_route(d.http),
                 ],
             )
@@ -297,16 +302,15 @@ def build_listener(
     model_filters: Sequence[hcm_pb2.HttpFilter] = (),
     *,
     local_reply: hcm_pb2.LocalReplyConfig | None = None,
+    grpc_not_found: bool = False,
 ) -> listener_pb2.Listener:
     """``model_filters`` run right after the model is in ``envoy.lb`` metadata;
-    ``local_reply`` (``no_holder_reply``) also brings the filter that gives its answer
-    to gRPC clients as NOT_FOUND."""
+    ``grpc_not_found`` gives the gateway's "no pod holds the model" answers to gRPC
+    clients as NOT_FOUND."""
     filters = [
         _http_filter("envoy.filters.http.header_to_metadata", header_rules(http)),
         *model_filters,
     ]
-    if local_reply is not None:
-        filters.append(_http_filter("envoy.filters.http.lua", grpc_not_found()))
     if options.rest is RestMode.TRANSCODE:
         filters.append(_http_filter("envoy.filters.http.lua", data_form_guard()))
         filters.append(
@@ -322,6 +326,10 @@ def build_listener(
                 ),
             )
         )
+    if grpc_not_found:
+        # next to the router: a response passes it first, before the transcoder turns a
+        # gRPC status into the HTTP one a REST client gets
+        filters.append(_http_filter("envoy.filters.http.lua", grpc_not_found_filter()))
     filters.append(_http_filter("envoy.filters.http.router", router_pb2.Router()))
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=f"gateway_{port}",
@@ -379,6 +387,9 @@ def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
         f"no pod holds model '%DYNAMIC_METADATA({LB_NAMESPACE}:{model_key})%' "
         "and the DestinationRule's fallbackPolicy is NO_FALLBACK"
     )
+    pods_up = route_components_pb2.HeaderMatcher(
+        name=NO_PODS_HEADER, present_match=True, invert_match=True
+    )
     mapper = hcm_pb2.ResponseMapper(
         filter=Filter(
             and_filter=accesslog_pb2.AndFilter(
@@ -390,6 +401,7 @@ def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
                             match_if_key_not_found=wrappers_pb2.BoolValue(value=False),
                         )
                     ),
+                    Filter(header_filter=accesslog_pb2.HeaderFilter(header=pods_up)),
                 ]
             )
         ),
@@ -400,7 +412,7 @@ def no_holder_reply(http: HttpRoute) -> hcm_pb2.LocalReplyConfig:
     return hcm_pb2.LocalReplyConfig(mappers=[mapper])
 
 
-def grpc_not_found() -> lua_pb2.Lua:
+def grpc_not_found_filter() -> lua_pb2.Lua:
     """Envoy answers a gRPC client's local reply with the status an HTTP proxy's code
     maps to, UNIMPLEMENTED for 404; the gateway's "no pod holds the model" is NOT_FOUND,
     as ModelMesh itself says for a model it does not know."""
@@ -430,7 +442,8 @@ def data_form_guard() -> lua_pb2.Lua:
 local BODY = {_lua_long_string(error_body(message, GRPC_INVALID_ARGUMENT))}
 function envoy_on_request(request)
   local headers = request:headers()
-  if headers:get(":method") ~= "POST" or {LUA_IS_GRPC} then
+  local path = headers:get(":path") or ""
+  if headers:get(":method") ~= "POST" or {LUA_IS_GRPC} or path:sub(1, 11) ~= "/v2/models/" then
     return
   end
   local body = request:body()
@@ -507,10 +520,14 @@ def rest_match() -> route_components_pb2.RouteMatch:
 
 
 def _route(
-    match: route_components_pb2.RouteMatch, cluster: str, *, rest_proxy: bool = False
+    match: route_components_pb2.RouteMatch,
+    cluster: str,
+    *,
+    pods_up: bool,
+    rest_proxy: bool = False,
 ) -> route_components_pb2.Route:
     """To ``cluster``'s pods: their gRPC port, or with ``rest_proxy`` their REST proxy."""
-    return route_components_pb2.Route(
+    route = route_components_pb2.Route(
         match=match,
         route=route_components_pb2.RouteAction(
             cluster=cluster,
@@ -520,6 +537,13 @@ def _route(
         ),
         request_headers_to_add=[balanced_header(rest=rest_proxy)],
     )
+    # With no pod at all, the subset LB's "no host" is no model miss: the request says
+    # so, and no_holder_reply keeps Envoy's 503. A client's own such header is dropped.
+    if pods_up:
+        route.request_headers_to_remove.append(NO_PODS_HEADER)
+    else:
+        route.request_headers_to_add.append(_header(NO_PODS_HEADER, "true"))
+    return route
 
 
 def no_model_route(http: HttpRoute) -> route_components_pb2.Route:

@@ -72,7 +72,8 @@ async def http_json(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One HTTP request, as curl sends it: (status, JSON body, {} when empty), errors too."""
+    """One HTTP request, as curl sends it: (status, JSON body), errors too; an empty body
+    is {}, one that is not JSON {"text": ...}."""
     req = urllib.request.Request(
         f"http://{address}{path}",
         method=method,
@@ -88,7 +89,10 @@ async def http_json(
             return e.code, e.read()
 
     status, raw = await asyncio.to_thread(send)  # the pods may run in this event loop
-    return status, json.loads(raw) if raw else {}
+    try:
+        return status, json.loads(raw) if raw else {}
+    except ValueError:  # Envoy's own plain-text answers ("no healthy upstream")
+        return status, {"text": raw.decode(errors="replace")}
 
 
 def _instance(raw: bytes) -> str:

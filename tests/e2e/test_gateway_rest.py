@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from modelxds.localmesh import processes
-from modelxds.localmesh.stack import Stack, pod_host, pod_instance_id, seed_policy
+from modelxds.localmesh.stack import Stack, pod_host, pod_instance_id, seed_policy, wait_until
 from tests.e2e.gwclient import Client, http_json, rest_bytes
 
 pytestmark = pytest.mark.e2e
@@ -120,16 +120,37 @@ async def test_no_fallback_answers_404_over_rest_and_not_found_over_grpc(stack: 
 async def test_rest_outside_the_v2_api_is_400_naming_the_paths_and_headers_expected(
     stack: Stack,
 ) -> None:
-    status, doc = await _http(stack, "POST", "/predict", _infer_body())
-    assert status == 400
-    assert "/v2/models/{name}/infer" in doc["error"] and "mm-vmodel-id" in doc["error"]
+    for headers in ({}, {"model": MODEL}):  # a model header does not make it a V2 call
+        status, doc = await http_json(
+            stack.gateway, "POST", "/predict", json.dumps(_infer_body()).encode(), headers
+        )
+        assert status == 400, headers
+        assert "/v2/models/{name}/infer" in doc["error"] and "mm-vmodel-id" in doc["error"]
+
+
+async def test_no_fallback_with_no_pod_left_answers_503_not_404(stack: Stack) -> None:
+    for reg in stack.registrations:
+        await reg.stop(revoke=True)  # every pod's lease, and so its records, gone
+
+    async def unavailable() -> bool:
+        status, _ = await _http(stack, "POST", f"/v2/models/{MODEL}/infer", _infer_body())
+        return status == 503
+
+    await wait_until(unavailable, 15, "the gateway to see no pod")
+    client = Client(stack)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.grpc("x", [("model", MODEL)])
+    finally:
+        await client.close()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("strategy", ["subset", "scale"])
 async def test_transcode_mode_serves_the_contents_form_and_refuses_the_data_form(
     tmp_path: Path, strategy: str
 ) -> None:
-    s = _stack(tmp_path / "stack", "ANY_ENDPOINT", "--strategy", strategy, "--rest", "transcode")
+    s = _stack(tmp_path / "stack", "NO_FALLBACK", "--strategy", strategy, "--rest", "transcode")
     await s.start()
     client = Client(s)
     try:
@@ -142,6 +163,12 @@ async def test_transcode_mode_serves_the_contents_form_and_refuses_the_data_form
         assert "contents" in doc["error"] and "--rest proxy" in doc["error"]
         # never passed on as an empty tensor
         assert s.pod(holder)[0].served[MODEL] == served
+        # a model no pod holds: 404 over transcoded REST too, not the 501 of UNIMPLEMENTED
+        with pytest.raises(urllib.error.HTTPError) as err:
+            await client.rest("never-loaded")
+        assert err.value.code == 404
+        status, doc = await _http(s, "POST", "/predict", _infer_body())
+        assert status == 400 and "/v2/models/{name}/infer" in doc["error"]
     finally:
         await client.close()
         await s.stop()

@@ -935,3 +935,9 @@ def test_pod_address_is_the_registered_ip_normalized(hostname: str, address: str
 def test_a_host_name_is_no_pod_address_and_skips_the_registration(hostname: str) -> None:
     with pytest.raises(RecordError, match=r"field 'hostname'.*not an IP address"):
         parse_litelinks(json.dumps({"hostname": hostname, "instanceId": "7dd689-4zwqs"}))
+
+
+@pytest.mark.parametrize("hostname", ["fe80::1%eth0", "0.0.0.0", "::", "224.0.0.1", "ff02::1"])
+def test_an_address_envoy_rejects_or_no_pod_has_skips_the_registration(hostname: str) -> None:
+    with pytest.raises(RecordError, match=r"field 'hostname'"):
+        parse_litelinks(json.dumps({"hostname": hostname, "instanceId": "7dd689-4zwqs"}))

@@ -320,10 +320,20 @@ def test_no_fallback_turns_a_model_no_pod_holds_into_404(policy: str) -> None:
     assert body["code"] == 5 and f"%DYNAMIC_METADATA(envoy.lb:{KEY})%" in body["error"]
 
 
-def test_no_fallback_without_any_pod_stays_503() -> None:
+def test_no_fallback_without_any_pod_stays_503_and_the_listener_stays_as_it_is() -> None:
     text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", "fallbackPolicy: NO_FALLBACK")
-    hcm = _hcm(translate(Placement({}), parse_policy(text), OPTIONS))
-    assert not hcm.HasField("local_reply_config")
+    policy = parse_policy(text)
+    up, down = translate(_placement(), policy, OPTIONS), translate(Placement({}), policy, OPTIONS)
+    # the last pod going (or the first coming) changes routes, never the listener
+    assert up[LISTENER] == down[LISTENER]
+    (mapper,) = _hcm(down).local_reply_config.mappers
+    pods_up = mapper.filter.and_filter.filters[2].header_filter.header
+    assert pods_up.name == "x-modelxds-no-pods" and pods_up.invert_match
+    for route in _routes(down)[:2]:
+        assert _added_headers(route)["x-modelxds-no-pods"] == "true"  # the mapper keeps 503
+    for route in _routes(up)[:2]:
+        assert "x-modelxds-no-pods" not in _added_headers(route)
+        assert list(route.request_headers_to_remove) == ["x-modelxds-no-pods"]
 
 
 def test_rest_path_rule_reads_query_strings_versions_metadata_and_ready() -> None:

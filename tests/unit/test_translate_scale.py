@@ -16,10 +16,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from google.protobuf.message import Message
+from lupa.luajit21 import LuaRuntime
 from xds.type.matcher.v3 import matcher_pb2
 
 from modelxds.modelmesh import ModelRecord
-from modelxds.placement.model import BUCKET_HASH_MODULUS, Placement, route_bucket
+from modelxds.placement.model import Placement, route_bucket
 from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
@@ -194,22 +195,55 @@ def test_one_scope_per_bucket_and_one_for_requests_without_a_model() -> None:
     assert scoped.rds_config_source.HasField("ads")
 
 
-def test_lua_filter_computes_route_bucket_and_routes_again() -> None:
-    script = _lua(translate_scale(_placement(), default_policy(), OPTIONS))
-    # the hash route_bucket computes, then the bucket count and the listener's scope prefix
-    assert f"h = (h * 31 + model:byte(i)) % {BUCKET_HASH_MODULUS}" in script
-    assert f"shard = tostring(h % {BUCKETS})" in script
-    assert 'local prefix = "8008/"' in script
-    assert f'headers:replace("{SHARD_HEADER}", prefix .. shard)' in script
-    # anything but gRPC (as Envoy tells it: by content type) takes the REST tables
-    assert (
-        'if not ((headers:get("content-type") or ""):sub(1, 16) == "application/grpc") then\n'
-        '    prefix = "8008/rest/"'
-    ) in script
-    # a client cannot pick the route itself: the model header is replaced or removed
-    assert f'headers:replace("{MODEL_HEADER}", model)' in script
-    assert f'headers:remove("{MODEL_HEADER}")' in script
-    assert script.rstrip().endswith("request:clearRouteCache()\nend")
+def _run_lua(script: str, headers: dict[str, str], lb: dict[str, str]) -> dict[str, str]:
+    """Run a filter's envoy_on_request in LuaJIT (Envoy's Lua) on a stand-in request with
+    these headers and ``envoy.lb`` dynamic metadata; the headers it leaves."""
+    lua = LuaRuntime()
+    out = dict(headers)
+    lua.execute(script)
+    lua.globals().run = lua.eval(
+        """function(handler, headers, lb)
+          local request = {
+            headers = function(_) return headers end,
+            streamInfo = function(_) return {dynamicMetadata = function(_) return {
+              get = function(_, ns) if ns == "envoy.lb" then return lb end end} end} end,
+            clearRouteCache = function(_) headers.routed = "again" end,
+          }
+          handler(request)
+        end"""
+    )
+    box = lua.table_from(out)
+    box.get = lua.eval("function(t, k) return rawget(t, k) end")
+    box.replace = lua.eval("function(t, k, v) rawset(t, k, v) end")
+    box.remove = lua.eval("function(t, k) rawset(t, k, nil) end")
+    lua.globals().run(lua.globals().envoy_on_request, box, lua.table_from(lb))
+    return {str(k): str(v) for k, v in box.items() if k not in ("get", "replace", "remove")}
+
+
+GRPC = {":path": "/inference.GRPCInferenceService/ModelInfer", "content-type": "application/grpc"}
+
+
+@pytest.mark.parametrize("rest", [RestMode.PROXY, RestMode.TRANSCODE])
+def test_lua_filter_sends_each_request_to_its_names_table_and_routes_again(
+    rest: RestMode,
+) -> None:
+    options = dataclasses.replace(OPTIONS, rest=rest)
+    script = _lua(translate_scale(_placement(), default_policy(), options))
+    rest_tables = "8008/rest/" if rest is RestMode.PROXY else "8008/"
+    for name in ["example-mnist-isvc", "m", "x" * 300, "ünïcode-model", "a.b_c-d/e"]:
+        bucket = route_bucket(name, BUCKETS)  # the hash the placement index uses
+        grpc = _run_lua(script, GRPC, {KEY: name})
+        assert grpc[SHARD_HEADER] == f"8008/{bucket}"
+        assert grpc[MODEL_HEADER] == name and grpc["routed"] == "again"
+        for path in (f"/v2/models/{name}/infer", "/v2/models/m/infer?x=1", "/v2"):
+            got = _run_lua(script, {":path": path, "content-type": "application/json"}, {KEY: name})
+            assert got[SHARD_HEADER] == f"{rest_tables}{bucket}", path
+    # no model: the table of requests without one; a client cannot pick a route itself
+    got = _run_lua(script, {**GRPC, MODEL_HEADER: "forged", SHARD_HEADER: "8008/0"}, {})
+    assert got[SHARD_HEADER] == "8008/none" and MODEL_HEADER not in got
+    # REST outside the V2 API, whatever model its headers name: refused there with a 400
+    got = _run_lua(script, {":path": "/predict", "content-type": "application/json"}, {KEY: "m"})
+    assert got[SHARD_HEADER] == "8008/rest/none" and MODEL_HEADER not in got
 
 
 def test_per_model_routes_split_equally_and_never_time_out() -> None:
@@ -347,7 +381,8 @@ def test_listener_keeps_the_subset_model_extraction_then_runs_the_lua_filter() -
     ("fallback", "default_subset", "expected"),
     [
         ("ANY_ENDPOINT", "", [SERVICE]),
-        # as the subset strategy's answer: a model no pod holds is not found
+        # as the subset strategy's answers: a model no pod holds is not found (404);
+        # without a model, "no healthy upstream" (503, in the /none tables)
         ("NO_FALLBACK", "", ["status 404"]),
         ("DEFAULT_SUBSET", "example-mnist-isvc", [_pod("7dd689-4zwqs"), _pod("7dd689-k2x9p")]),
         # no pod has the default subset: the subset load balancer finds no host either
@@ -363,9 +398,11 @@ def test_fallback_follows_the_destination_rule(
     for name, table in resources[ROUTE].items():
         assert isinstance(table, route_pb2.RouteConfiguration)
         wanted = expected
+        if name.endswith("/none") and expected == ["status 404"]:
+            wanted = ["status 503"]
         if "/rest/" in name:  # the same, at the REST proxy
             wanted = [
-                e.replace(":8033", ":8008/rest").replace(SERVICE, REST_SERVICE) for e in expected
+                e.replace(":8033", ":8008/rest").replace(SERVICE, REST_SERVICE) for e in wanted
             ]
         assert _no_match(table) == wanted, name
 
@@ -438,8 +475,10 @@ def test_no_fallback_with_no_pod_at_all_answers_503_as_the_subset_strategy() -> 
         assert _no_match(table) == ["status 503"]
 
 
-def test_transcode_mode_has_no_rest_tables_or_clusters() -> None:
+def test_transcode_mode_has_no_rest_clusters_and_one_rest_table_that_refuses() -> None:
     options = dataclasses.replace(OPTIONS, rest=RestMode.TRANSCODE)
     resources = translate_scale(_placement(), default_policy(), options)
-    assert not any("rest" in name for name in [*resources[CLUSTER], *resources[ROUTE]])
-    assert "application/grpc" not in _lua(resources)  # every request takes the gRPC tables
+    assert not any("rest" in name for name in resources[CLUSTER])
+    assert [name for name in resources[ROUTE] if "rest" in name] == ["8008/rest/none"]
+    (refusal,) = _table(resources, "8008/rest/none").virtual_hosts[0].routes
+    assert refusal.direct_response.status == 400
