@@ -16,6 +16,12 @@ from google.protobuf.message import Message
 
 from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
 
+WILDCARD_NAME = "*"
+# Response bodies a version keeps, by the set of names asked for: the usual sets (all, a
+# gateway's subscription) come from every gateway alike; unusual ones are built per
+# request rather than held for the life of the version.
+MAX_BODIES = 16
+
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto)
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE = 1, 2, 4, 5
 # google.protobuf.Any
@@ -55,7 +61,8 @@ class TypeSnapshot:
                 + [encode_field(_RESOURCES, self.resources[n]) for n in chosen]
                 + [encode_field(_TYPE_URL, self.type_url.encode())]
             )
-            self._bodies[names] = body
+            if len(self._bodies) < MAX_BODIES:
+                self._bodies[names] = body
         return body + encode_field(_NONCE, nonce.encode())
 
 
@@ -117,7 +124,12 @@ class SnapshotCache:
 
     @staticmethod
     def is_wildcard(type_url: str, names: Iterable[str]) -> bool:
-        return type_url in WILDCARD_TYPES and not any(True for _ in names)
+        """LDS, CDS and SRDS: no names or ``"*"`` among them (the protocol's explicit
+        wildcard) ask for every resource, never for one named ``*``."""
+        if type_url not in WILDCARD_TYPES:
+            return False
+        names = list(names)
+        return not names or WILDCARD_NAME in names
 
 
 def _version(digests: Iterable[tuple[str, bytes]]) -> str:

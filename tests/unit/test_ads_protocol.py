@@ -664,3 +664,26 @@ async def test_a_version_rejected_again_after_an_accepted_one_is_counted_again(
     assert state.nacked_version == again.version_info
     assert state.acked_version == fixed.version_info
     assert sample("modelxds_xds_nacks_total", {"type": "cds"}) == nacks + 2
+
+
+async def test_an_explicit_wildcard_subscription_gets_every_cluster_and_listener(
+    env: Env,
+) -> None:
+    env.cache.set(make_config(clusters={"model-a": 1, "model-b": 2}))
+    gw = env.gateway()
+    gw.request(CLUSTER, ["*"])  # the protocol's explicit wildcard, not a cluster named "*"
+    resp = await gw.recv()
+    assert sorted(names_in(resp)) == ["model-a", "model-b"]
+    gw.ack(resp, ["*"])
+    gw.request(LISTENER, ["*", "ingress"])
+    assert names_in(await gw.recv()) == ["ingress"]
+
+
+def test_response_bodies_kept_per_version_are_bounded() -> None:
+    cache = SnapshotCache()
+    cache.set(make_config(endpoints={f"m-{i}": 8033 for i in range(200)}))
+    snap = cache.get(ENDPOINT)
+    for i in range(1000):  # 1,000 gateways, each with an odd set of names
+        body = snap.response(frozenset({f"m-{i % 200}", f"m-{(i * 7) % 200}"}), str(i))
+        assert Response.FromString(body).nonce == str(i)
+    assert len(snap._bodies) <= cache_module.MAX_BODIES
