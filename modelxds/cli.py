@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         serve,
+        "--allow-empty-policy",
+        "serve a policy that routes no port, which removes every gateway listener",
+        action="store_true",
+        default=False,
+    )
+    _add(
+        serve,
         "--strategy",
         "gateway config: 'subset' (one cluster, Envoy subset LB on endpoint metadata, as ASM) "
         "or 'scale' (a cluster per pod, O(1) route matcher per model in scoped route "

@@ -37,7 +37,11 @@ def strategy(name: str) -> Translator:
 
 async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:
     try:
-        policy = load_policy(args.policy) if args.policy else default_policy()
+        policy = (
+            load_policy(args.policy, allow_empty=args.allow_empty_policy)
+            if args.policy
+            else default_policy()
+        )
     except PolicyError as e:
         log.error("invalid policy:\n%s", e)
         return 2

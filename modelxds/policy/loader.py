@@ -8,8 +8,8 @@ document number and the object, then the field path.
 
 from __future__ import annotations
 
+import difflib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +29,6 @@ from modelxds.policy.model import (
     resolve_host,
 )
 from modelxds.policy.seed import SEED_POLICY_YAML
-
-log = logging.getLogger(__name__)
 
 SEED_SOURCE = "<built-in seed policy>"
 
@@ -55,14 +53,18 @@ class PolicyError(ValueError):
         super().__init__("\n".join(self.errors))
 
 
-def parse_policy(text: str, source: str = "<string>") -> Policy:
-    """Parse multi-document YAML; `source` names the text in messages and `source` fields."""
+def parse_policy(text: str, source: str = "<string>", *, allow_empty: bool = False) -> Policy:
+    """Parse multi-document YAML; `source` names the text in messages and `source` fields.
+
+    A policy with no route would remove every gateway listener: an error unless
+    ``allow_empty``."""
     errors: list[str] = []
-    return _assemble(_read_stream(text, source, errors, is_json=False), errors)
+    return _assemble(_read_stream(text, source, errors, is_json=False), errors, source, allow_empty)
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load one file, or every *.yaml, *.yml and *.json file directly inside a directory."""
+def load_policy(path: str | os.PathLike[str], *, allow_empty: bool = False) -> Policy:
+    """Load one file, or every *.yaml, *.yml and *.json file directly inside a directory
+    (``allow_empty`` as in ``parse_policy``)."""
     root = Path(path)
     if root.is_dir():
         files = sorted(
@@ -86,7 +88,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             docs.append(_UNKNOWN)
             continue
         docs += _read_stream(text, str(file), errors, is_json=file.suffix.lower() == ".json")
-    return _assemble(docs, errors)
+    return _assemble(docs, errors, str(root), allow_empty)
 
 
 def default_policy() -> Policy:
@@ -105,17 +107,23 @@ class _Doc:
 _UNKNOWN = _Doc("", "", None)
 
 
-def _assemble(docs: list[_Doc], errors: list[str]) -> Policy:
+def _assemble(docs: list[_Doc], errors: list[str], source: str, allow_empty: bool) -> Policy:
     # A broken or unreadable document may have been the DestinationRule that the
     # VirtualServices point at; cross-checking without it would only report noise.
     if all(doc.obj is not None or doc.kind == "VirtualService" for doc in docs):
         errors = errors + _cross_check(docs)
-    if errors:
-        raise PolicyError(errors)
-    return Policy(
+    policy = Policy(
         destination_rules=tuple(d.obj for d in docs if isinstance(d.obj, DestinationRule)),
         virtual_services=tuple(d.obj for d in docs if isinstance(d.obj, VirtualService)),
     )
+    if not errors and not policy.ports() and not allow_empty:
+        errors.append(
+            f"{source}: no VirtualService routes any port: every gateway listener would be "
+            "removed (serve --allow-empty-policy if that is what you want)"
+        )
+    if errors:
+        raise PolicyError(errors)
+    return policy
 
 
 def _read_stream(text: str, file: str, errors: list[str], *, is_json: bool) -> list[_Doc]:
@@ -123,10 +131,19 @@ def _read_stream(text: str, file: str, errors: list[str], *, is_json: bool) -> l
     docs: list[_Doc] = []
     # Numbering counts empty documents too, so "document N" is the Nth one in the file.
     for index, data in enumerate(documents, start=1):
-        if data is not None:
-            doc = _read_document(data, file, index, errors)
-            if doc is not None:
-                docs.append(doc)
+        if isinstance(data, dict) and data.get("kind") == "List":
+            # what `kubectl get -o yaml` prints: the objects are its items
+            items = data.get("items")
+            if not isinstance(items, list):
+                errors.append(
+                    f"{file} document {index} (List): items: expected a list, got "
+                    f"{_describe(items)}"
+                )
+                continue
+            for i, item in enumerate(items):
+                docs.append(_read_document(item, file, f"{index} item {i}", errors))
+        elif data is not None:
+            docs.append(_read_document(data, file, str(index), errors))
     if not complete:
         docs.append(_UNKNOWN)
     return docs
@@ -163,8 +180,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML: {exc}"
 
 
-def _read_document(data: object, file: str, index: int, errors: list[str]) -> _Doc | None:
-    """Read one document; None for kinds we do not handle."""
+def _read_document(data: object, file: str, index: str, errors: list[str]) -> _Doc:
+    """Read one document (``index``: its place in the file, e.g. "2" or "1 item 3")."""
     at = f"{file} document {index}"
     if not isinstance(data, dict):
         errors.append(
@@ -180,11 +197,14 @@ def _read_document(data: object, file: str, index: int, errors: list[str]) -> _D
         errors.append(f"{at}: kind: expected a non-empty string, got {_describe(kind)}")
         return _Doc("", at, None)
     if kind not in _KINDS:
-        # Users keep Gateways, Services and the like in the same file; they are not ours.
-        log.info(
-            "%s: skipping %s, modelxds reads only DestinationRule and VirtualService", at, kind
+        # Skipping it would turn a typo (VirtualSevice) into a policy without that object.
+        close = difflib.get_close_matches(kind, _KINDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else "; keep other objects in other files"
+        errors.append(
+            f"{at}: kind: {kind!r} is not a DestinationRule or VirtualService, the only kinds "
+            f"modelxds reads{hint}"
         )
-        return None
+        return _Doc(kind, at, None)
 
     r = _Reader(f"{at} ({kind})")
     metadata = r.section(data, "metadata", "metadata", required=True)
@@ -335,7 +355,13 @@ def _http_route(r: _Reader, item: object, path: str, *, default_name: str) -> Ht
 
     header_keys: list[HeaderToKey] = []
     for j, entry_item in enumerate(
-        r.items(route, "headerToDynamicSubsetKey", f"{path}.headerToDynamicSubsetKey")
+        r.items(
+            route,
+            "headerToDynamicSubsetKey",
+            f"{path}.headerToDynamicSubsetKey",
+            required_because="its first entry names the model key, which routing selects by "
+            "(e.g. {header: model, key: modelmesh.asm.alibabacloud.com})",
+        )
     ):
         entry_path = f"{path}.headerToDynamicSubsetKey[{j}]"
         entry = r.mapping(entry_item, entry_path)
@@ -428,7 +454,10 @@ def _cross_check(docs: list[_Doc]) -> list[str]:
         else:
             rules[fqdn] = (obj, doc.where)
 
-    claims: dict[int, tuple[tuple[str, int | None, tuple[HeaderToKey, ...]], str]] = {}
+    # A listener port is one route table of one VirtualService, and a destination's
+    # endpoints carry one set of model keys: anything else would overwrite silently.
+    claims: dict[int, tuple[tuple[str, int | None, tuple[HeaderToKey, ...]], str, str]] = {}
+    keys_of: dict[tuple[str, int | None], tuple[tuple[str, ...], str]] = {}
     for vs, where in services:
         for i, route in enumerate(vs.routes):
             at = f"{where}: spec.http[{i}]"
@@ -436,7 +465,7 @@ def _cross_check(docs: list[_Doc]) -> list[str]:
             errors += _check_route_rule(at, route, fqdn, rules.get(fqdn))
             target = (fqdn, route.destination_port, route.header_keys)
             for port in route.ports:
-                claimed, claimed_at = claims.setdefault(port, (target, at))
+                claimed, claimed_at, claimed_by = claims.setdefault(port, (target, at, where))
                 if claimed[:2] != target[:2]:
                     errors.append(
                         f"{at}.match: port {port} is already routed to {_show(claimed)} by "
@@ -447,6 +476,19 @@ def _cross_check(docs: list[_Doc]) -> list[str]:
                         f"{at}.headerToDynamicSubsetKey: port {port} is already routed by "
                         f"{claimed_at} with a different headerToDynamicSubsetKey"
                     )
+                elif claimed_by != where:
+                    errors.append(
+                        f"{at}.match: port {port} is already routed by {claimed_at}; one "
+                        "listener port takes the hosts of one VirtualService"
+                    )
+            keys = tuple(dict.fromkeys(h.key for h in route.header_keys))
+            seen, seen_at = keys_of.setdefault((fqdn, route.destination_port), (keys, at))
+            if seen != keys:
+                errors.append(
+                    f"{at}.headerToDynamicSubsetKey: {_show(target)} is already routed by "
+                    f"{seen_at} with the keys {', '.join(seen)}; its pods carry one set of "
+                    "model keys, so every route to it must map to the same keys"
+                )
     return errors
 
 

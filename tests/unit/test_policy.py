@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -414,21 +413,61 @@ def test_ports_are_sorted_and_deduplicated() -> None:
     assert policy.ports() == (8008, 9000)
 
 
-def test_other_kinds_are_skipped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_other_kinds_are_errors_and_a_typo_gets_a_hint() -> None:
     gateway = {
         "apiVersion": "networking.istio.io/v1beta1",
         "kind": "Gateway",
         "metadata": {"name": "grpc-gateway", "namespace": NS},
         "spec": {"servers": [{"port": {"number": 8008, "protocol": "GRPC"}}]},
     }
-    isvc = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService"}
-    with caplog.at_level(logging.INFO, logger="modelxds.policy"):
-        policy = parse_policy(dump([gateway, *seed_docs(), isvc]), "all.yaml")
-    assert [r.source for r in policy.destination_rules] == ["all.yaml#2"]
-    assert [v.source for v in policy.virtual_services] == ["all.yaml#3"]
-    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert any("all.yaml document 1" in m and "Gateway" in m for m in messages)
-    assert any("all.yaml document 4" in m and "InferenceService" in m for m in messages)
+    dr, vs = seed_docs()
+    vs["kind"] = "VirtualSevice"  # skipped, it would have left a policy without routes
+    first, second = errors_of(dump([gateway, dr, vs]), "all.yaml")
+    assert first.startswith("all.yaml document 1: kind: 'Gateway' is not a DestinationRule")
+    assert second.startswith("all.yaml document 3: kind: 'VirtualSevice'")
+    assert second.endswith("(did you mean VirtualService?)")
+
+
+def test_a_kubectl_list_is_read_item_by_item() -> None:
+    dr, vs = seed_docs()
+    listed = {"apiVersion": "v1", "kind": "List", "items": [dr, vs]}
+    policy = parse_policy(dump([listed]), "list.yaml")
+    assert [r.source for r in policy.destination_rules] == ["list.yaml#1 item 0"]
+    assert [v.source for v in policy.virtual_services] == ["list.yaml#1 item 1"]
+    seed = parse_policy(SEED_POLICY_YAML)
+    assert [v.routes for v in policy.virtual_services] == [v.routes for v in seed.virtual_services]
+    vs["spec"]["http"][0]["match"][0]["port"] = "8008"
+    (error,) = errors_of(dump([{"kind": "List", "items": [dr, vs]}]), "list.yaml")
+    assert error.startswith("list.yaml document 1 item 1 (VirtualService")
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "---\n---\n"])
+def test_a_policy_that_would_remove_every_listener_is_refused(text: str) -> None:
+    (error,) = errors_of(text)
+    assert "every gateway listener would be removed" in error
+    assert "--allow-empty-policy" in error
+    assert parse_policy(text, allow_empty=True).ports() == ()
+
+
+def test_a_route_must_name_its_model_key() -> None:
+    docs = seed_docs()
+    del http(docs)["headerToDynamicSubsetKey"]  # used to pass, then crash the translator
+    (error,) = errors_of(dump(docs))
+    assert error.startswith(f"{VS_AT}: spec.http[0].headerToDynamicSubsetKey: required")
+
+
+def test_two_routes_to_one_service_must_map_the_same_model_keys() -> None:
+    dr, vs = seed_docs()
+    dr["spec"]["trafficPolicy"]["loadBalancer"]["dynamicSubset"]["subsetSelectors"].append(
+        {"keys": ["alias"]}
+    )
+    other = json.loads(json.dumps(vs))
+    other["metadata"]["name"] = "vs-b"
+    other["spec"]["http"][0]["match"][0]["port"] = 9008
+    other["spec"]["http"][0]["headerToDynamicSubsetKey"][0]["key"] = "alias"
+    (error,) = errors_of(dump([dr, vs, other]))
+    assert "document 3 (VirtualService modelmesh-serving/vs-b)" in error
+    assert "its pods carry one set of model keys" in error
 
 
 def test_unused_istio_fields_are_tolerated() -> None:
@@ -520,7 +559,7 @@ def test_destination_rule_without_dynamic_subset_cannot_be_routed_to() -> None:
 def test_destination_rule_without_dynamic_subset_is_fine_on_its_own() -> None:
     docs = seed_docs()
     del docs[0]["spec"]["trafficPolicy"]
-    rule = parse_policy(dump(docs[:1])).destination_rules[0]
+    rule = parse_policy(dump(docs[:1]), allow_empty=True).destination_rules[0]
     assert rule.selectors == ()
     assert rule.subset_keys == ()
 
@@ -532,12 +571,15 @@ def test_two_virtual_services_on_one_port_need_the_same_destination() -> None:
     other["spec"]["http"][0]["route"][0]["destination"]["port"]["number"] = 9999
     same = json.loads(json.dumps(vs))
     same["metadata"]["name"] = "vs-c"
-    [error] = errors_of(dump([dr, vs, other, same]))
+    same["spec"]["hosts"] = ["models.example.com"]  # would have overwritten vs's route table
+    error, same_error = errors_of(dump([dr, vs, other, same]))
     assert error.startswith(
         "policy.yaml document 3 (VirtualService modelmesh-serving/vs-b): spec.http[0].match: "
         "port 8008 is already routed to modelmesh-serving.modelmesh-serving.svc.cluster.local:8033"
         f" by {VS_AT}: spec.http[0]"
     )
+    assert same_error.startswith("policy.yaml document 4 (VirtualService modelmesh-serving/vs-c)")
+    assert "one listener port takes the hosts of one VirtualService" in same_error
 
 
 def test_duplicate_objects_are_errors() -> None:
