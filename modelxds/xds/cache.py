@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from google.protobuf.message import Message
 
@@ -74,7 +75,10 @@ class SnapshotCache:
     """Holds the current config. The translator writes it; ADS streams only read it."""
 
     def __init__(self) -> None:
-        self._types = {t: _empty(t) for t in PUSH_ORDER}
+        # replaced whole by set(): a reader holding it sees one version of every type
+        self._types: Mapping[str, TypeSnapshot] = MappingProxyType(
+            {t: _empty(t) for t in PUSH_ORDER}
+        )
         # per type, name -> (message, serialized Any, digest) of the last set
         self._built: dict[str, dict[str, tuple[Message, bytes, bytes]]] = {
             t: {} for t in PUSH_ORDER
@@ -85,6 +89,10 @@ class SnapshotCache:
     def get(self, type_url: str) -> TypeSnapshot:
         return self._types.get(type_url) or _empty(type_url)
 
+    def snapshot(self) -> Mapping[str, TypeSnapshot]:
+        """Every type as of the last set(), together: what one response cycle sends."""
+        return self._types
+
     def set(self, resources: Resources) -> list[str]:
         """Replace the config; returns the type URLs whose content changed.
 
@@ -93,6 +101,7 @@ class SnapshotCache:
         serialized nor, on streams that already have them, sent again.
         """
         changed = []
+        types = dict(self._types)
         for type_url in PUSH_ORDER:
             before = self._built[type_url]
             built = {}
@@ -106,10 +115,11 @@ class SnapshotCache:
                 built[name] = seen
             self._built[type_url] = built
             version = _version((name, digest) for name, (_, _, digest) in built.items())
-            if version != self._types[type_url].version:
+            if version != types[type_url].version:
                 serialized = {name: blob for name, (_, blob, _) in built.items()}
-                self._types[type_url] = TypeSnapshot(type_url, version, serialized)
+                types[type_url] = TypeSnapshot(type_url, version, serialized)
                 changed.append(type_url)
+        self._types = MappingProxyType(types)
         self.ready.set()
         if changed:
             for ev in self._listeners:

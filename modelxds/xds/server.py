@@ -120,8 +120,11 @@ class AdsServer:
                 wake.clear()
                 if closed:
                     break
+                # one version of every type per cycle: a push landing while this cycle
+                # yields must not send RDS that names clusters its CDS did not have
+                snapshot = self.cache.snapshot()
                 for type_url in PUSH_ORDER:
-                    response = self._next_response(stream, type_url)
+                    response = self._next_response(stream, type_url, snapshot[type_url])
                     if response is not None:
                         yield response
         finally:
@@ -163,11 +166,10 @@ class AdsServer:
         names = list(req.resource_names)
         state.names = None if SnapshotCache.is_wildcard(type_url, names) else frozenset(names)
 
-    def _next_response(self, stream: Stream, type_url: str) -> bytes | None:
+    def _next_response(self, stream: Stream, type_url: str, snap: TypeSnapshot) -> bytes | None:
         state = stream.types.get(type_url)
         if state is None:
             return None  # the gateway has not asked for this type (yet)
-        snap = self.cache.get(type_url)
         if not snap.version:
             return None  # nothing translated yet: a gateway must not see an empty config
         if snap.version == state.sent_version and state.names == state.sent_names:

@@ -29,7 +29,7 @@ from google.rpc import status_pb2
 from prometheus_client import REGISTRY
 
 from modelxds.xds import cache as cache_module
-from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.cache import SnapshotCache, TypeSnapshot
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from modelxds.xds.server import AdsServer, Stream
 from tests.unit.xds_messages import assignment, cluster
@@ -687,3 +687,30 @@ def test_response_bodies_kept_per_version_are_bounded() -> None:
         body = snap.response(frozenset({f"m-{i % 200}", f"m-{(i * 7) % 200}"}), str(i))
         assert Response.FromString(body).nonce == str(i)
     assert len(snap._bodies) <= cache_module.MAX_BODIES
+
+
+async def test_one_response_cycle_sends_every_type_from_one_version(env: Env) -> None:
+    env.cache.set(make_config())
+    gw, _ = await connect_all(env)
+    newer = make_config(clusters={"model-c": 1}, routes={"/": "model-c"})
+    respond = env.ads._next_response
+
+    def a_push_lands_mid_cycle(stream: Stream, type_url: str, snap: TypeSnapshot) -> bytes | None:
+        out = respond(stream, type_url, snap)
+        if type_url == CLUSTER and out is not None and snap.resources.keys() == {"model-b"}:
+            env.cache.set(newer)  # while this cycle is still to send LDS and RDS
+        return out
+
+    env.ads._next_response = a_push_lands_mid_cycle  # type: ignore[method-assign]
+    env.cache.set(make_config(clusters={"model-b": 1}, routes={"/": "model-b"}))
+    cds = await gw.recv()
+    assert cds.type_url == CLUSTER and names_in(cds) == ["model-b"]
+    rds = await gw.recv()
+    while rds.type_url != ROUTE:  # EDS of the replaced cluster comes in between
+        assert rds.type_url != CLUSTER, "a newer CDS before this cycle's RDS"
+        rds = await gw.recv()
+    (table,) = unpacked(rds)
+    assert isinstance(table, route_pb2.RouteConfiguration)
+    # the routes of the clusters just sent, not of the push that landed meanwhile
+    assert table.virtual_hosts[0].routes[0].route.cluster == "model-b"
+    assert names_in(await gw.recv()) == ["model-c"]  # and then the newer version, whole
