@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from google.protobuf.message import Message
 
-from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
+from modelxds.xds.resources import CLUSTER, PUSH_ORDER, WILDCARD_TYPES, Resources
 
 WILDCARD_NAME = "*"
 # Response bodies a version keeps, by the set of names asked for: the usual sets (all, a
@@ -71,10 +72,26 @@ def _empty(type_url: str) -> TypeSnapshot:
     return TypeSnapshot(type_url, "", {})
 
 
+# Make-before-break: how long a cluster the config no longer has stays in CDS. The
+# routes that named it go out in the same version (CDS before RDS on every stream), so
+# by the time it leaves, every gateway routes elsewhere; Envoy answers 503 "no cluster"
+# (not retried) for a route whose cluster it has already dropped.
+RETIRE_AFTER_S = 10.0
+
+
 class SnapshotCache:
     """Holds the current config. The translator writes it; ADS streams only read it."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        retire_after_s: float = RETIRE_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.retire_after_s = retire_after_s
+        self._clock = clock
+        # clusters set() no longer had: name -> when they were last in a config
+        self._retiring: dict[str, float] = {}
         # replaced whole by set(): a reader holding it sees one version of every type
         self._types: Mapping[str, TypeSnapshot] = MappingProxyType(
             {t: _empty(t) for t in PUSH_ORDER}
@@ -105,7 +122,10 @@ class SnapshotCache:
         for type_url in PUSH_ORDER:
             before = self._built[type_url]
             built = {}
-            for name, msg in resources.get(type_url, {}).items():
+            wanted = resources.get(type_url, {})
+            if type_url == CLUSTER:
+                wanted = self._with_retiring(wanted, before)
+            for name, msg in wanted.items():
                 seen = before.get(name)
                 if seen is None or seen[0] is not msg:
                     blob = encode_field(_ANY_TYPE_URL, type_url.encode()) + encode_field(
@@ -131,6 +151,36 @@ class SnapshotCache:
 
     def unsubscribe(self, event: asyncio.Event) -> None:
         self._listeners.discard(event)
+
+    def _with_retiring(
+        self, clusters: Mapping[str, Message], before: Mapping[str, tuple[Message, bytes, bytes]]
+    ) -> dict[str, Message]:
+        """``clusters`` plus those of the last config that left it less than
+        ``retire_after_s`` ago."""
+        now = self._clock()
+        kept = dict(clusters)
+        retiring = {}
+        for name, (msg, _, _) in before.items():
+            if name in clusters:
+                continue
+            since = self._retiring.get(name, now)
+            if now - since < self.retire_after_s:
+                kept[name] = msg
+                retiring[name] = since
+        self._retiring = retiring
+        return kept
+
+    @property
+    def next_retirement(self) -> float | None:
+        """When (on ``clock``) the next retiring cluster may go: a set() then removes it."""
+        if not self._retiring:
+            return None
+        return min(self._retiring.values()) + self.retire_after_s
+
+    def retirement_in(self) -> float | None:
+        """Seconds until a set() would remove a retiring cluster; None: none retiring."""
+        due = self.next_retirement
+        return None if due is None else max(0.0, due - self._clock())
 
     @staticmethod
     def is_wildcard(type_url: str, names: Iterable[str]) -> bool:

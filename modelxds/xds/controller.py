@@ -73,9 +73,14 @@ class Controller:
             self.publish()
 
     async def _wait_for_change(self) -> None:
-        """Until etcd changed, or a loading copy becomes loaded by the clock."""
+        """Until etcd changed, a loading copy becomes loaded by the clock, or a cluster the
+        config dropped is due to leave CDS (make-before-break in the cache)."""
         due = self.placement.next_transition_ms if self.placement else None
-        timeout = None if due is None else max(0.0, due / 1000 - time.time())
+        waits = [] if due is None else [max(0.0, due / 1000 - time.time())]
+        retirement = self.cache.retirement_in()
+        if retirement is not None:
+            waits.append(retirement)
+        timeout = min(waits, default=None)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 

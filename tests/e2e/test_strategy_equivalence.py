@@ -6,6 +6,7 @@ test_gateway_rest.py."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from modelxds.localmesh import processes
@@ -179,3 +181,42 @@ async def test_a_dead_holder_fails_no_request(tmp_path: Path, strategy: str) -> 
         # holder; scale: for another pod, since a retry cannot change weighted cluster)
         seen = Counter([await client.grpc("x", [("model", "shared")]) for _ in range(N)])
         assert a not in seen and sum(seen.values()) == N
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_a_pod_leaving_and_coming_back_under_load_fails_no_request(
+    tmp_path: Path, strategy: str
+) -> None:
+    """A rolling update: the pod deregisters (its lease revoked) while it still serves,
+    then registers again. Routes move off a pod before its cluster goes (scale: a cluster
+    per pod), so the gateway never answers 503 "no cluster found"."""
+    async with gateway(tmp_path, strategy) as (stack, client):
+        for i in range(PODS):
+            await stack.pod(pod_instance_id(i))[1].add_copy(f"m{i}", started_ms=LOADED_LONG_AGO)
+        await until_config_has(client, stack, 0)
+        failures: Counter[str] = Counter()
+        served = 0
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            nonlocal served
+            while not stop.is_set():
+                for i in range(PODS):
+                    try:
+                        await client.grpc("x", [("model", f"m{i}")])
+                        served += 1
+                    except grpc.aio.AioRpcError as e:
+                        failures[f"{e.code().name}: {e.details()}"] += 1
+
+        task = asyncio.create_task(load())
+        leaving = stack.pod(pod_instance_id(2))[1]
+        for _ in range(5):
+            await leaving.stop(revoke=True)
+            await asyncio.sleep(0.4)
+            await leaving.register()
+            await leaving.add_copy("m2", started_ms=LOADED_LONG_AGO)
+            await asyncio.sleep(0.4)
+        stop.set()
+        await task
+        assert not failures, failures
+        assert served > 100

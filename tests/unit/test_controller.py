@@ -11,7 +11,9 @@ from modelxds.placement.model import Placement
 from modelxds.policy import default_policy
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
+from modelxds.xds.resources import CLUSTER
 from modelxds.xds.translate import Options
+from tests.unit.xds_messages import cluster
 
 
 class Counting:
@@ -81,3 +83,28 @@ async def test_publish_fills_the_cache_with_every_resource_type() -> None:
             "type.googleapis.com/envoy.config.listener.v3.Listener",
         )
     )
+
+
+async def test_a_dropped_cluster_leaves_cds_when_its_time_is_up_without_a_change() -> None:
+    configs = iter([{CLUSTER: {"pod-a": cluster("pod-a"), "pod-b": cluster("pod-b")}}])
+    controller = Controller(
+        Counting(),
+        asyncio.Event(),
+        default_policy(),
+        SnapshotCache(retire_after_s=0.3),
+        Options(descriptor_set=descriptor_set_bytes()),
+        translator=lambda *_: next(configs, {CLUSTER: {"pod-a": cluster("pod-a")}}),
+    )
+    controller.publish()
+    controller.publish()  # pod-b dropped: it stays, its routes move first
+    assert set(controller.cache.get(CLUSTER).resources) == {"pod-a", "pod-b"}
+    task = asyncio.create_task(controller.run())  # and no etcd change comes
+    try:
+        deadline = time.monotonic() + 3
+        while "pod-b" in controller.cache.get(CLUSTER).resources:
+            assert time.monotonic() < deadline, "the retired cluster never left"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

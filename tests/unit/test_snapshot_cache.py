@@ -95,10 +95,31 @@ def test_only_the_types_whose_content_changed_are_reported() -> None:
 
 
 def test_removing_a_resource_is_a_change() -> None:
-    cache = SnapshotCache()
+    cache = SnapshotCache(retire_after_s=0)
     cache.set(config(clusters={"model-a": 1, "model-b": 1}))
     assert cache.set(config(clusters={"model-a": 1})) == [CLUSTER]
     assert set(cache.get(CLUSTER).resources) == {"model-a"}
+
+
+def test_a_removed_cluster_stays_until_the_routes_that_named_it_are_long_gone() -> None:
+    now = [0.0]
+    cache = SnapshotCache(retire_after_s=10, clock=lambda: now[0])
+    cache.set(config(clusters={"pod-a": 1, "pod-b": 1}))
+    # pod-b's lease is gone: its routes move in this version, its cluster stays in it
+    cache.set(config(clusters={"pod-a": 1}))
+    assert set(cache.get(CLUSTER).resources) == {"pod-a", "pod-b"}
+    assert cache.next_retirement == 10
+    now[0] = 9.9
+    cache.set(config(clusters={"pod-a": 1, "pod-c": 1}))
+    assert set(cache.get(CLUSTER).resources) == {"pod-a", "pod-b", "pod-c"}
+    now[0] = 10.0
+    assert cache.set(config(clusters={"pod-a": 1, "pod-c": 1})) == [CLUSTER]
+    assert set(cache.get(CLUSTER).resources) == {"pod-a", "pod-c"}
+    assert cache.next_retirement is None
+    # back before it went: no longer retiring
+    cache.set(config(clusters={"pod-a": 1}))
+    cache.set(config(clusters={"pod-a": 1, "pod-c": 1}))
+    assert cache.next_retirement is None
 
 
 def test_version_is_a_content_hash_shared_by_replicas() -> None:
