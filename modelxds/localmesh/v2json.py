@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable
 from typing import Any
@@ -73,6 +74,21 @@ FLOAT_MAX = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": math.inf}
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # rest-proxy's isBase64Content: these tensor content_type values mean base64 BYTES data
 BASE64_CONTENT_TYPES = frozenset({"base64", "b64", "BASE64", "B64"})
+# The V2 proto's shape is repeated int64, and so is the element count the server computes.
+INT64_MAX = 2**63 - 1
+# numpy's NPY_MAXDIMS (64 since numpy 2; Triton and MLServer hold tensors as arrays):
+# more dimensions than any runtime takes, and few enough that flatten's recursion
+# stays far from Python's recursion limit.
+MAX_RANK = 64
+# How deep a body may nest before a refusal names the field: the V2 document itself
+# uses 4 levels (body, inputs, tensor, data), nested data MAX_RANK more, plus BYTES'
+# arrays of byte values.
+MAX_NESTING = 4 + MAX_RANK + 1
+# A JSON string or one structural character: enough to follow nesting without recursing.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]', re.DOTALL)
+# \uD800-\uDFFF: json.loads turns an unpaired one into a lone surrogate, which no UTF-8
+# encoder (protobuf's included) accepts. Bodies without one skip the search for it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def _camel(name: str) -> str:
@@ -308,6 +324,13 @@ def _tensor(
         )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _bad(f"{where}.shape: must be an array of non-negative integers")
+    if len(shape) > MAX_RANK:
+        raise _bad(f"{where}.shape: {len(shape)} dimensions, at most {MAX_RANK}")
+    for i, d in enumerate(shape):
+        if d > INT64_MAX:  # the proto field would refuse it (a 500, not a 400)
+            raise _bad(f"{where}.shape[{i}]: does not fit in int64")
+    if element_count(shape) > INT64_MAX:
+        raise _bad(f"{where}.shape: {shape} holds more elements than int64 can count")
     tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
     if "parameters" in f:
         _put(tensor.parameters, parameters_from_json(f["parameters"], f"{where}.parameters"))
@@ -354,9 +377,87 @@ def _strict_json(body: bytes) -> object:
         raise ValueError(f"{constant} is not JSON")
 
     try:
-        return json.loads(body, parse_constant=refuse)
+        doc = json.loads(body, parse_constant=refuse)
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"request body is not JSON: {e}") from None
+    except RecursionError:
+        # json recurses once per level; say where, found without recursing
+        raise _bad(f"{_deep_field(body, MAX_NESTING)}: nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(body):
+        where = _lone_surrogate(doc)
+        if where is not None:
+            raise _bad(f"{where}: not valid Unicode (a lone surrogate)")
+    return doc
+
+
+def _path(parts: list[str | int | None]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part is not None:
+            out += f".{part}" if out else part
+    return out
+
+
+def _key(token: bytes) -> str:
+    try:
+        key = json.loads(token)
+    except ValueError:
+        key = token[1:-1].decode(errors="replace")
+    return repr(key[:64])[1:-1]  # no lone surrogate or control character in a message
+
+
+def _deep_field(body: bytes, limit: int) -> str:
+    """The field (``inputs[0].data``) under which ``body`` first nests deeper than
+    ``limit``; "request body" if no named field holds that nesting."""
+    path: list[str | int | None] = []  # per open container: its current key or index
+    last_string = b""
+    for m in _JSON_TOKEN.finditer(body):
+        token = m.group()
+        if token[:1] == b'"':
+            last_string = token
+        elif token == b":":
+            if path and not isinstance(path[-1], int):
+                path[-1] = _key(last_string)
+        elif token in (b"[", b"{"):
+            path.append(0 if token == b"[" else None)
+            if len(path) > limit:
+                named = [i for i, part in enumerate(path) if isinstance(part, str)]
+                return _path(path[: named[-1] + 1]) if named else "request body"
+        elif token == b",":
+            if path:
+                top = path[-1]
+                path[-1] = top + 1 if isinstance(top, int) else None
+        elif path:  # "]" or "}"
+            path.pop()
+    return "request body"
+
+
+def _lone_surrogate(doc: object) -> str | None:
+    """The path of a string or key holding a lone surrogate (depth-first, no recursion)."""
+    stack: list[tuple[object, str]] = [(doc, "")]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                return at or "request body"
+        elif isinstance(value, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key, v in reversed(list(value.items())):
+                if not _is_utf8(key):
+                    return f"{at or 'request body'}: a key"
+                stack.append((v, f"{at}.{key}" if at else key))
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_infer_request(

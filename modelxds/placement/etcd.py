@@ -15,10 +15,13 @@ takes that decision once, from the first endpoint; here each endpoint keeps its 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+import re
+import stat
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +56,28 @@ _KNOWN_FIELDS = frozenset(
 )
 # Never echoed in a message, whatever went wrong with them.
 _SECRET_FIELDS = frozenset({"password", "client_key"})
+# A Kubernetes Secret holds at most 1 MiB, so no real connection document or PEM file is
+# larger; the limit keeps a path like /dev/zero from filling memory at start-up.
+MAX_FILE_BYTES = 1024 * 1024
+# A host name or IPv4 address, or an IPv6 address (with an optional zone) in brackets:
+# what gRPC can resolve. ASCII only, so nothing unprintable ends up in a gRPC target.
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Za-z:.%_-]+\]")
+# etcd's answers to a token it no longer accepts. Simple tokens expire when idle and
+# vanish when etcd restarts ("invalid auth token", or "user name is empty" once etcd no
+# longer knows the token's user); a JWT carries the auth store revision it was issued at,
+# so any user, role or grant change makes every earlier JWT "old": INVALID_ARGUMENT
+# "etcdserver: revision of auth store is old", or, from etcd 3.5's Range, UNKNOWN with
+# the auth package's own text "auth: revision in header is old". A new token cures all.
+_TOKEN_STALE = (
+    "revision of auth store is old",
+    "revision in header is old",
+    "invalid auth token",
+)
+_TOKEN_REJECTED = (*_TOKEN_STALE, "user name is empty")
+# gRPC metadata etcd reads on a Watch stream (rpctypes.MetadataRequireLeaderKey): without
+# it a member cut off from quorum keeps the stream open and silent; with it etcd ends
+# the stream ("no leader") as soon as the member loses its leader.
+REQUIRE_LEADER: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
@@ -108,10 +133,7 @@ class EtcdConnection:
     def from_file(cls, path: str | os.PathLike[str]) -> EtcdConnection:
         """An ``etcd_connection`` document; its file names are relative to its folder."""
         p = Path(path)
-        try:
-            text = p.read_bytes()
-        except OSError as e:
-            raise EtcdConfigError(f"etcd connection {p}: cannot read: {e.strerror}") from None
+        text = _read_small_file(p, f"etcd connection {p}")
         return cls.from_json(text, base_dir=p.parent, source=str(p))
 
     @classmethod
@@ -132,11 +154,19 @@ class EtcdConnection:
             ) from None
         except UnicodeDecodeError:
             raise EtcdConfigError(f"{source}: not valid JSON: not UTF-8 text") from None
+        except RecursionError:
+            # json recurses once per nesting level; no etcd_connection nests at all
+            raise EtcdConfigError(f"{source}: not valid JSON: nested too deeply") from None
+        except ValueError:
+            # an integer past Python's digit limit; its message would quote the document
+            raise EtcdConfigError(f"{source}: not valid JSON: a number is too long") from None
         if not isinstance(doc, dict):
             raise EtcdConfigError(f"{source}: not a JSON object")
         unknown = sorted(set(doc) - _KNOWN_FIELDS)
         if unknown:
-            log.warning("%s: ignoring unknown fields: %s", source, ", ".join(unknown))
+            # repr escapes what a log line should not carry (lone surrogates, controls)
+            names = ", ".join(repr(n[:80])[1:-1] for n in unknown)
+            log.warning("%s: ignoring unknown fields: %s", source, names)
         fields = _Fields(doc, source, Path(base_dir) if base_dir is not None else None)
         ca = fields.pem("certificate", "CERTIFICATE")
         cert = fields.pem("client_certificate", "CERTIFICATE")
@@ -225,6 +255,12 @@ class _Fields:
             return None
         if not isinstance(value, str):
             raise EtcdConfigError(f"{self.source}: {name}: must be a string")
+        if not _is_utf8(value):
+            # JSON's \ud800 escape gives a lone surrogate, which cannot be sent (gRPC,
+            # protobuf) or opened as a file: refuse it now, without quoting the value
+            raise EtcdConfigError(
+                f"{self.source}: {name}: not valid Unicode text (a lone surrogate)"
+            )
         # an empty value means unset, as in etcd-java; secrets and PEM stay byte for byte
         return (value if raw or name in _SECRET_FIELDS else value.strip()) or None
 
@@ -240,12 +276,7 @@ class _Fields:
             if not path.is_absolute() and self.base_dir is not None:
                 path = self.base_dir / path
             where = f"{name}_file {path}"
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise EtcdConfigError(
-                    f"{self.source}: {where}: cannot read: {e.strerror}"
-                ) from None
+            data = _read_small_file(path, f"{self.source}: {where}")
         else:
             return None
         if f"-----BEGIN {kind}-----".encode() not in data and not (
@@ -259,7 +290,53 @@ class _Fields:
         return data
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_small_file(path: Path, where: str) -> bytes:
+    """A regular file of at most MAX_FILE_BYTES; `EtcdConfigError` starting ``where``."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise EtcdConfigError(f"{where}: cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeError):  # a NUL in the name, or a name the OS cannot take
+        raise EtcdConfigError(f"{where}: cannot read: not a valid file name") from None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise EtcdConfigError(f"{where}: cannot read: not a regular file")
+        while size <= MAX_FILE_BYTES:  # one byte past the limit is enough to refuse
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise EtcdConfigError(f"{where}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_BYTES:
+        raise EtcdConfigError(f"{where}: larger than {MAX_FILE_BYTES // 1024} KiB")
+    return b"".join(chunks)
+
+
 def _parse_endpoints(text: str, *, tls_material: bool, what: str) -> tuple[Endpoint, ...]:
+    if "@" in text:
+        # user:password@host. A password may hold ',', '@' or anything else, so no part
+        # of the value is known to be free of it: the message repeats none of it.
+        raise EtcdConfigError(
+            f"{what}: user info (user:password@) is not allowed in an endpoint URL; give "
+            "userid and password in the etcd connection JSON (--etcd-connection)"
+        )
+    if not _is_utf8(text):
+        raise EtcdConfigError(f"{what}: not valid Unicode text (a lone surrogate)")
     out = []
     for raw in text.split(","):
         item = raw.strip()
@@ -272,7 +349,7 @@ def _parse_endpoints(text: str, *, tls_material: bool, what: str) -> tuple[Endpo
         if scheme not in ("", "http", "https"):
             raise EtcdConfigError(f"{what}: {item!r}: only http:// and https:// are supported")
         rest = rest.rstrip("/")
-        if not rest or "/" in rest or "@" in rest:
+        if not rest or "/" in rest:
             raise EtcdConfigError(f"{what}: {item!r}: expected [http[s]://]host[:port]")
         host, port = _split_host_port(rest, item, what)
         tls = scheme == "https" or (scheme == "" and tls_material)
@@ -295,36 +372,75 @@ def _split_host_port(hostport: str, item: str, what: str) -> tuple[str, int]:
         raise EtcdConfigError(f"{what}: {item!r}: put an IPv6 address in brackets")
     else:
         host, port_text = hostport, ""
+    if not _HOST.fullmatch(host):
+        raise EtcdConfigError(f"{what}: {item!r}: bad host {host!r}")
     if not port_text:
         return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # str.isdigit also takes '²' (int() refuses it) and '٣' (int() reads 3): ASCII only,
+    # and short enough that int() never meets Python's digit limit
+    if (
+        not (port_text.isascii() and port_text.isdigit())
+        or len(port_text) > 5
+        or not 0 < int(port_text) < 65536
+    ):
         raise EtcdConfigError(f"{what}: {item!r}: bad port {port_text!r}")
     return host, int(port_text)
 
 
 def _token_rejected(e: grpc.aio.AioRpcError) -> bool:
-    """etcd no longer accepts our token (simple tokens expire when idle, and on restart)."""
+    """etcd no longer accepts our token: authenticating again can cure it."""
     details = e.details() or ""
-    return e.code() == grpc.StatusCode.UNAUTHENTICATED or "user name is empty" in details
+    return e.code() == grpc.StatusCode.UNAUTHENTICATED or any(s in details for s in _TOKEN_REJECTED)
+
+
+def _stale_token(e: grpc.aio.AioRpcError) -> bool:
+    """A token etcd once issued and now refuses (not a missing one: "user name is empty")."""
+    details = e.details() or ""
+    return e.code() == grpc.StatusCode.UNAUTHENTICATED or any(s in details for s in _TOKEN_STALE)
+
+
+def auth_related(e: grpc.aio.AioRpcError) -> bool:
+    """An error about who we are or what we may read: the token is suspect, drop it.
+
+    Broader than `_token_rejected`: a permission error after a role change, or an auth
+    error this code does not know yet, must not leave a retry loop resending the same
+    token forever; a new one costs a single Authenticate call.
+    """
+    details = (e.details() or "").lower()
+    return (
+        _token_rejected(e)
+        or e.code() == grpc.StatusCode.PERMISSION_DENIED
+        or "auth" in details
+        or "permission" in details
+    )
 
 
 def describe(
-    e: grpc.aio.AioRpcError, connection: EtcdConnection, endpoint: Endpoint | None = None
+    e: grpc.aio.AioRpcError,
+    connection: EtcdConnection,
+    endpoint: Endpoint | None = None,
+    prefix: str | None = None,
 ) -> str:
-    """One line saying what went wrong and which setting to check."""
+    """One line saying what went wrong and which setting to check.
+
+    ``prefix``: the key prefix the failed call read, named by a permission error.
+    """
     details = (e.details() or "").strip()
     code = e.code()
+    where = f"keys under {prefix!r}" if prefix is not None else "here"
     if "authentication failed" in details:
         return f"authentication failed for user '{connection.userid}'"
     if "user name is empty" in details:
         return "etcd requires authentication: set userid and password (--etcd-connection)"
     if "authentication is not enabled" in details:
         return "authentication is not enabled on this etcd (remove userid/password)"
+    if _stale_token(e):
+        return f"etcd refused the auth token of user '{connection.userid}': {details}"
     if code == grpc.StatusCode.PERMISSION_DENIED and connection.userid is None:
         # with --client-cert-auth etcd takes the certificate's common name as the user
-        return f"{details}: no userid configured (set userid and password)"
+        return f"{details} reading {where}: no userid configured (set userid and password)"
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return f"user '{connection.userid}' is not allowed to read here: {details}"
+        return f"user '{connection.userid}' is not allowed to read {where}: {details}"
     if "CERTIFICATE_VERIFY_FAILED" in details:
         return (
             "TLS handshake failed: certificate verify failed (check certificate/certificate_file)"
@@ -358,6 +474,8 @@ def _last_error(details: str) -> str:
 def _fatal(e: grpc.aio.AioRpcError) -> bool:
     """Fails the same way on retry: a configuration mistake, not an outage."""
     details = e.details() or ""
+    if _stale_token(e):
+        return False  # a JWT issued before a user or role change: the next one works
     if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
         return True
     if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "authentication" in details:
@@ -424,38 +542,75 @@ class EtcdSession:
 
     async def call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """``method(*args, metadata=<token>, **kwargs)``: a unary call, retried once with
-        a new token when etcd no longer accepts ours."""
+        a new token when etcd no longer accepts ours.
+
+        A ``timeout`` bounds the Authenticate call too (at most its usual 10 s: a long
+        deadline meant for a big Range should not let a hung Authenticate stall as long).
+        """
+        timeout = kwargs.get("timeout")
+        auth_timeout = 10.0 if timeout is None else min(timeout, 10.0)
         try:
-            return await method(*args, metadata=await self.metadata(), **kwargs)
+            return await method(*args, metadata=await self.metadata(auth_timeout), **kwargs)
         except grpc.aio.AioRpcError as e:
             if self.connection.userid is None or not _token_rejected(e):
                 raise
-        log.info("etcd %s: auth token expired; authenticating again", self.endpoint.url)
+            why = e.details() or e.code().name
+        log.info(
+            "etcd %s: auth token refused (%s); authenticating again",
+            self.endpoint.url,
+            why,
+        )
         self.forget_token()
-        return await method(*args, metadata=await self.metadata(), **kwargs)
+        return await method(*args, metadata=await self.metadata(auth_timeout), **kwargs)
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """etcd range end that covers every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
 
 
 async def check_connection(
-    connection: EtcdConnection, key: bytes, range_end: bytes = b"", *, timeout: float = 3.0
+    connection: EtcdConnection, prefixes: Sequence[str], *, timeout: float = 3.0
 ) -> Endpoint:
-    """Authenticate and read one key, trying each endpoint until one answers.
+    """Authenticate and read one key under each prefix, trying each endpoint until one
+    answers all of them.
 
-    Returns the endpoint that answered; raises `EtcdUnavailable` naming every endpoint
-    that failed and why (``fatal`` when one failed for a reason retrying can't fix).
+    Every prefix is read because etcd grants permissions per key range: a user that may
+    read one prefix and not the next would pass a one-prefix check and then fail every
+    re-list forever. ``timeout`` bounds each endpoint's whole check, Authenticate
+    included. Returns the endpoint that answered; raises `EtcdUnavailable` naming every
+    endpoint that failed and why (``fatal`` when one failed for a reason retrying can't
+    fix), and the prefix a permission error was about.
     """
     problems: list[str] = []
     fatal = False
     session = EtcdSession(connection)
+    loop = asyncio.get_running_loop()
     for _ in connection.endpoints:
         endpoint = session.endpoint
         channel = session.open()
-        req = rpc.RangeRequest(key=key, range_end=range_end, limit=1, keys_only=True)
+        deadline = loop.time() + timeout
+        prefix: str | None = None
         try:
-            await session.call(rpc.KVStub(channel).Range, req, timeout=timeout)
+            kv = rpc.KVStub(channel)
+            for prefix in prefixes or ("\0",):
+                key = prefix.encode()
+                req = rpc.RangeRequest(
+                    key=key, range_end=prefix_range_end(key), limit=1, keys_only=True
+                )
+                # what is left of this endpoint's time; a spent budget fails at once
+                left = max(deadline - loop.time(), 0.001)
+                await session.call(kv.Range, req, timeout=left)
             return endpoint
         except grpc.aio.AioRpcError as e:
             fatal |= _fatal(e)
-            problems.append(f"etcd {endpoint.url}: {describe(e, connection, endpoint)}")
+            problems.append(f"etcd {endpoint.url}: {describe(e, connection, endpoint, prefix)}")
         finally:
             await channel.close()
         session.rotate()

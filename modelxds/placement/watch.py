@@ -2,7 +2,8 @@
 
 List every prefix at one revision, then watch from the next revision: no gap and
 no event twice. On compaction, cancellation or a broken stream the tables are
-re-listed from scratch and the watch resumes, with capped exponential backoff.
+re-listed from scratch and the watch resumes, with capped exponential backoff that
+only resets once a watch has proved healthy.
 The watcher only parses and stores records; `snapshot()` turns them into an
 immutable Placement when the caller asks.
 """
@@ -15,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NoReturn
 
 import grpc
 from aetcd import rpc
@@ -31,10 +33,13 @@ from modelxds.modelmesh import (
     VModelRecord,
 )
 from modelxds.placement.etcd import (
+    REQUIRE_LEADER,
     EtcdConnection,
     EtcdSession,
+    auth_related,
     check_connection,
     describe,
+    prefix_range_end,
 )
 from modelxds.placement.index import Changes, MeshIndex
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
@@ -42,21 +47,15 @@ from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 5000
+# The first pause before listing again, doubled after each failure up to max_backoff.
+RETRY_FLOOR_S = 0.1
+# A watch open this long (or one that delivered an event or progress notification) was
+# healthy: the next failure starts again from RETRY_FLOOR_S.
+HEALTHY_AFTER_S = 10.0
 
 
 class _Relist(Exception):
     """The watch can't continue from where it is; list again."""
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """etcd range end that covers every key starting with ``prefix``."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"
 
 
 @dataclass
@@ -138,6 +137,7 @@ class PlacementWatcher:
         *,
         loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
         max_backoff: float = 10.0,
+        healthy_after: float = HEALTHY_AFTER_S,
     ) -> None:
         """``connection``: how to reach etcd, or ``--etcd``'s plain URL(s)."""
         if isinstance(connection, str):
@@ -148,6 +148,8 @@ class PlacementWatcher:
         self.loaded_after_ms = loaded_after_ms
         self._indexes = [MeshIndex(ns, loaded_after_ms) for ns, _ in meshes]
         self.max_backoff = max_backoff
+        self.healthy_after = healthy_after
+        self._watch_healthy = False  # the current watch delivered an event or progress
         self.revision = 0
         self.changed = asyncio.Event()
         self.synced = asyncio.Event()
@@ -179,9 +181,10 @@ class PlacementWatcher:
         return self._session.endpoint.url
 
     async def check(self, timeout: float = 3.0) -> None:
-        """Authenticate and read once, trying every endpoint: `EtcdUnavailable` if none works."""
-        prefix = self._prefixes[0][0].encode() if self._prefixes else b"\0"
-        await check_connection(self.connection, prefix, prefix_range_end(prefix), timeout=timeout)
+        """Authenticate and read one key under every watched prefix, trying every endpoint
+        (``timeout`` for each): `EtcdUnavailable` if none works."""
+        prefixes = [prefix for prefix, _ in self._prefixes]
+        await check_connection(self.connection, prefixes, timeout=timeout)
 
     async def list_once(self) -> None:
         """Read every table once (no watch): for one-shot inspection."""
@@ -198,28 +201,57 @@ class PlacementWatcher:
             self._session.rotate()
 
     async def run(self) -> None:
-        """Keep the tables current until cancelled; never raises for etcd trouble."""
-        backoff = 0.1
+        """Keep the tables current until cancelled; never raises for etcd trouble.
+
+        Every restart, a re-list after compaction or cancellation included, waits first:
+        a watch etcd cancels right after creating it (a permission or auth problem, a
+        member without a leader) would otherwise make back-to-back full re-lists. A
+        successful list is not enough to reset the wait; a healthy watch is.
+        """
+        loop = asyncio.get_running_loop()
+        backoff = min(RETRY_FLOOR_S, self.max_backoff)
         while True:
             channel = self._session.open()
+            self._watch_healthy = False
+            watch_opened: float | None = None
             try:
                 await self._list(rpc.KVStub(channel))
-                backoff = 0.1
+                watch_opened = loop.time()
                 await self._watch(rpc.WatchStub(channel))
             except _Relist as e:
-                log.info("re-listing etcd: %s", e)
+                delay, backoff = self._next_delay(backoff, watch_opened, loop.time())
+                log.info("re-listing etcd in %.1fs: %s", delay, e)
                 metrics.WATCH_RESTARTS.labels("compacted_or_cancelled").inc()
             except grpc.aio.AioRpcError as e:
+                delay, backoff = self._next_delay(backoff, watch_opened, loop.time())
                 failed, why = self.endpoint, describe(e, self.connection, self._session.endpoint)
+                if auth_related(e):
+                    # the token may be what is wrong (a JWT issued before a role change):
+                    # never retry with it, whatever etcd said
+                    self._session.forget_token()
                 if _connection_failed(e):
                     self._session.rotate()  # with one endpoint, the same one again
                 then = "" if self.endpoint == failed else f" with {self.endpoint}"
-                log.warning("etcd %s: %s; retrying%s in %.1fs", failed, why, then, backoff)
+                log.warning("etcd %s: %s; retrying%s in %.1fs", failed, why, then, delay)
                 metrics.WATCH_RESTARTS.labels("rpc_error").inc()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
             finally:
                 await channel.close()
+            await self._pause(delay)
+
+    def _next_delay(
+        self, backoff: float, watch_opened: float | None, now: float
+    ) -> tuple[float, float]:
+        """(this pause, the next one): the floor again after a healthy watch, else doubling."""
+        floor = min(RETRY_FLOOR_S, self.max_backoff)
+        healthy = self._watch_healthy or (
+            watch_opened is not None and now - watch_opened >= self.healthy_after
+        )
+        delay = floor if healthy else backoff
+        return delay, min(delay * 2, self.max_backoff)
+
+    async def _pause(self, seconds: float) -> None:
+        """The wait between restarts (its own method so tests can record it)."""
+        await asyncio.sleep(seconds)
 
     async def _list(self, kv: rpc.KVStub) -> None:
         revision = 0
@@ -260,7 +292,7 @@ class PlacementWatcher:
         self._advance(revision)
         self.synced.set()
 
-    async def _watch(self, watch: rpc.WatchStub) -> None:
+    async def _watch(self, watch: rpc.WatchStub) -> NoReturn:
         requests: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
         for i, (prefix, _) in enumerate(self._prefixes, start=1):
             requests.put_nowait(
@@ -280,7 +312,8 @@ class PlacementWatcher:
                 yield await requests.get()
 
         # The token is checked when each watch is created, not again for its events.
-        async for resp in watch.Watch(outgoing(), metadata=await self._session.metadata()):
+        metadata = (*(await self._session.metadata() or ()), *REQUIRE_LEADER)
+        async for resp in watch.Watch(outgoing(), metadata=metadata):
             if resp.compact_revision:
                 raise _Relist(f"revision {self.revision + 1} compacted to {resp.compact_revision}")
             if resp.canceled:
@@ -288,6 +321,10 @@ class PlacementWatcher:
                     # how etcd refuses a watch whose token expired: the re-list re-authenticates
                     self._session.forget_token()
                 raise _Relist(f"watch cancelled: {resp.cancel_reason or 'no reason given'}")
+            if not resp.created:
+                # an event or progress notification: etcd serves this watch, not just
+                # accepted it, so the next failure need not keep backing off
+                self._watch_healthy = True
             if not 1 <= resp.watch_id <= len(self._prefixes):
                 continue
             tables = self._prefixes[resp.watch_id - 1][1]
@@ -297,6 +334,8 @@ class PlacementWatcher:
                 changed |= self._apply(tables, ev.kv.key, value)
             if resp.events and not resp.fragment:
                 self._advance(resp.header.revision, changed)
+        # etcd ended the stream without an error: nothing to resume from
+        raise _Relist("watch stream ended")
 
     def _apply(self, tables: MeshTables, key: bytes, value: bytes | None) -> bool:
         try:

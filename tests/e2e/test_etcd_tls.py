@@ -1,10 +1,11 @@
 """modelxds against an etcd that wants mutual TLS and a password, as ModelMesh Serving sets up.
 
-One real etcd serves every test here: TLS with a server certificate for 127.0.0.1 and
+One real etcd serves most tests here: TLS with a server certificate for 127.0.0.1 and
 localhost, client certificates required (``--client-cert-auth``), authentication on
 (user root) and simple tokens that expire after 2 idle seconds. The certificates are
 made at test time; the client certificate's common name is not an etcd user, so only
-the password can authenticate us.
+the password can authenticate us. A second one, set up the same way, issues JWTs
+(``--auth-token jwt``), which etcd refuses once its users or roles change.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 from aetcd import rpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
@@ -46,7 +47,7 @@ from modelxds.modelmesh import (
     encode,
 )
 from modelxds.modelmesh.keys import litelinks_item
-from modelxds.placement.etcd import EtcdConnection, EtcdSession
+from modelxds.placement.etcd import EtcdConnection, EtcdSession, EtcdUnavailable
 from modelxds.placement.watch import PlacementWatcher
 from modelxds.xds.bootstrap import bootstrap
 
@@ -168,6 +169,7 @@ class SecureEtcd:
     peer_port: int
     certs: Certs
     proc: processes.Process | None = None
+    auth_token: str = "simple"  # etcd's --auth-token
 
     @property
     def url(self) -> str:
@@ -202,7 +204,7 @@ class SecureEtcd:
                 str(c.ca),
                 "--client-cert-auth",
                 "--auth-token",
-                "simple",
+                self.auth_token,
                 "--auth-token-ttl",
                 str(TOKEN_TTL_S),
                 "--log-level",
@@ -237,11 +239,13 @@ class SecureEtcd:
         )
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd]:
-    workdir = tmp_path_factory.mktemp("etcd-tls")
+def _secure_etcd(workdir: Path, auth_token: str = "simple") -> Iterator[SecureEtcd]:
     server = SecureEtcd(
-        workdir, processes.free_port(), processes.free_port(), make_certs(workdir / "certs")
+        workdir,
+        processes.free_port(),
+        processes.free_port(),
+        make_certs(workdir / "certs"),
+        auth_token=auth_token,
     )
     server.start()
     try:
@@ -250,6 +254,35 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd]:
+    yield from _secure_etcd(tmp_path_factory.mktemp("etcd-tls"))
+
+
+@pytest.fixture(scope="module")
+def jwt_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd]:
+    """The same etcd issuing JWTs: each carries the auth store revision it was issued
+    at, so any user/role/grant change makes etcd refuse every earlier one."""
+    workdir = tmp_path_factory.mktemp("etcd-jwt")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (workdir / "jwt.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (workdir / "jwt.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    yield from _secure_etcd(
+        workdir,
+        f"jwt,pub-key={workdir / 'jwt.pub'},priv-key={workdir / 'jwt.key'},sign-method=RS256",
+    )
 
 
 def connection_file(etcd: SecureEtcd, folder: Path, root_prefix: str, **changes: str) -> Path:
@@ -454,7 +487,8 @@ async def test_watcher_outlives_its_auth_token(
 
             # A unary call with the expired token: etcd refuses it, we authenticate again.
             await other.list_once()
-            assert "auth token expired; authenticating again" in caplog.text
+            assert "auth token refused" in caplog.text
+            assert "authenticating again" in caplog.text
             assert "after-expiry" in other.snapshot().meshes[NS].models
 
             # etcd restarts: simple tokens are gone, the stream breaks, the watcher
@@ -493,3 +527,75 @@ async def test_a_dead_endpoint_is_left_for_the_next(etcd: SecureEtcd, tmp_path: 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _sees(watcher: PlacementWatcher, model: str) -> None:
+    while model not in watcher.snapshot().meshes[NS].models:
+        watcher.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watcher.changed.wait(), 0.25)
+
+
+async def test_jwts_issued_before_a_user_change_are_replaced(
+    jwt_etcd: SecureEtcd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = Layout("rp-jwt")
+    connection = EtcdConnection.from_file(connection_file(jwt_etcd, tmp_path / "secret", "x"))
+    watcher = PlacementWatcher(connection, [(NS, layout)], loaded_after_ms=0, max_backoff=0.5)
+    caplog.set_level(logging.INFO, logger="modelxds.placement")
+    task = asyncio.create_task(watcher.run())
+    try:
+        async with session(connection) as writer:
+            other = PlacementWatcher(connection, [(NS, layout)])
+            await asyncio.wait_for(watcher.synced.wait(), 10)
+            await other.list_once()  # both hold a JWT now
+
+            # any auth change bumps the auth store revision: both JWTs are now "old"
+            jwt_etcd.etcdctl(
+                "--user", f"root:{PASSWORD}", "user", "add", "someone", "--new-user-password=x"
+            )
+            await asyncio.wait_for(other.list_once(), 10)
+            assert "is old" in caplog.text  # etcd's words for a JWT from before the change
+
+            # a JWT outlives an etcd restart: the watcher re-lists with its old one, is
+            # refused, and must log in again rather than retry that token forever
+            caplog.clear()
+            jwt_etcd.stop()
+            jwt_etcd.start()
+            writer.forget_token()
+            await write_pod_and_model(writer, layout, "after-user-change")
+            await asyncio.wait_for(_sees(watcher, "after-user-change"), 15)
+            assert "is old" in caplog.text  # etcd's words for a JWT from before the change
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert PASSWORD not in caplog.text
+
+
+async def test_check_names_the_prefix_a_role_may_not_read(etcd: SecureEtcd, tmp_path: Path) -> None:
+    layout = Layout("rp-tls-role")
+    as_root = ("--user", f"root:{PASSWORD}")
+    etcd.etcdctl(*as_root, "role", "add", "mm-only")
+    etcd.etcdctl(
+        *as_root, "role", "grant-permission", "mm-only", "--prefix", "read", layout.mm_prefix
+    )
+    etcd.etcdctl(*as_root, "user", "add", "mm-reader", "--new-user-password=reader-Pa55")
+    etcd.etcdctl(*as_root, "user", "grant-role", "mm-reader", "mm-only")
+    conn = connection_file(
+        etcd, tmp_path / "secret", "rp-tls-role", userid="mm-reader", password="reader-Pa55"
+    )
+    watcher = PlacementWatcher(EtcdConnection.from_file(conn), [(NS, layout)])
+    # mm/ alone is readable: a check of the first prefix only would pass, and every
+    # re-list would then fail on litelinks/
+    with pytest.raises(EtcdUnavailable) as e:
+        await watcher.check()
+    assert e.value.fatal
+    assert f"user 'mm-reader' is not allowed to read keys under {layout.litelinks_prefix!r}" in str(
+        e.value
+    )
+    assert "reader-Pa55" not in str(e.value)
+    etcd.etcdctl(
+        *as_root, "role", "grant-permission", "mm-only", "--prefix", "read", layout.litelinks_prefix
+    )
+    await watcher.check()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from modelxds import cli
 from modelxds.placement.etcd import (
@@ -17,6 +20,8 @@ from modelxds.placement.etcd import (
     EtcdConnection,
     EtcdSession,
     _fatal,
+    _token_rejected,
+    auth_related,
     describe,
 )
 
@@ -241,6 +246,26 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
             "etcd requires authentication",
             True,
         ),
+        # a JWT issued before a user/role change, refused again after a fresh login:
+        # retrying can help (the next Authenticate gets a current token)
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "etcdserver: revision of auth store is old",
+            "etcd refused the auth token of user 'root'",
+            False,
+        ),
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "etcdserver: invalid auth token",
+            "etcd refused the auth token of user 'root'",
+            False,
+        ),
+        (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "etcdserver: permission denied",
+            "user 'root' is not allowed to read here: etcdserver: permission denied",
+            True,
+        ),
         (
             grpc.StatusCode.UNAVAILABLE,
             "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:2: "
@@ -261,6 +286,28 @@ def test_rpc_errors_are_explained_in_one_line(
     assert says in text and "\n" not in text
     assert_no_secrets(text)
     assert _fatal(e) is fatal
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "rejected", "related"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: revision of auth store is old", 1, 1),
+        (grpc.StatusCode.UNKNOWN, "auth: revision in header is old", 1, 1),
+        (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: invalid auth token", 1, 1),
+        (grpc.StatusCode.UNAUTHENTICATED, "etcdserver: anything", 1, 1),
+        (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty", 1, 1),
+        (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied", 0, 1),
+        (grpc.StatusCode.FAILED_PRECONDITION, "etcdserver: authentication is not enabled", 0, 1),
+        (grpc.StatusCode.UNAVAILABLE, "etcdserver: no leader", 0, 0),
+        (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided", 0, 0),
+    ],
+)
+def test_which_errors_cost_the_token(
+    code: grpc.StatusCode, details: str, rejected: int, related: int
+) -> None:
+    e = _rpc_error(code, details)
+    assert _token_rejected(e) is bool(rejected)  # EtcdSession.call logs in again, retries
+    assert auth_related(e) is bool(related)  # PlacementWatcher.run forgets the token
 
 
 async def test_session_rotates_endpoints_and_drops_the_token() -> None:
@@ -323,3 +370,170 @@ def test_help_shows_the_flag_and_no_secret(
     out = capsys.readouterr().out
     assert "--etcd-connection" in out and "MODELXDS_ETCD_CONNECTION" in out
     assert_no_secrets(out)
+
+
+# ---- user info in endpoint URLs: never echoed --------------------------------------------
+
+URL_SECRET = "s3cret-in-url"
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    [
+        f"https://root:{URL_SECRET}@etcd:2379",
+        f"root:{URL_SECRET}@etcd:2379",
+        f"http://a:1, https://root:{URL_SECRET}@etcd:2379",
+        # the password itself holds ',' and '@': no split point is safe to show
+        "https://root:s3,cret-in-url@x@etcd:2379",
+        f"https://root:{URL_SECRET}@/",
+    ],
+)
+def test_user_info_in_an_endpoint_is_refused_without_echoing_it(
+    tmp_path: Path, endpoints: str
+) -> None:
+    with pytest.raises(EtcdConfigError) as e:
+        EtcdConnection.from_url(endpoints)
+    message = str(e.value)
+    for part in (URL_SECRET, "s3", "cret", "root"):
+        assert part not in message
+    assert "userid and password" in message and message.startswith("--etcd: ")
+    doc = {"endpoints": endpoints, "userid": "root", "password": PASSWORD}
+    message = error_of(write(tmp_path, doc))
+    assert URL_SECRET not in message and "s3" not in message and "cret" not in message
+    assert "endpoints: user info (user:password@) is not allowed" in message
+
+
+def test_cli_names_no_password_given_in_the_etcd_url(capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli.build_parser().parse_args(["serve", "--etcd", f"https://root:{URL_SECRET}@e:1"])
+    with pytest.raises(SystemExit) as e:
+        cli.etcd_connection(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--etcd: user info" in err and URL_SECRET not in err and "root" not in err
+
+
+# ---- hostile documents: always an EtcdConfigError naming the field ----------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "says"),
+    [
+        ("h:²", "bad port '²'"),  # str.isdigit() takes it, int() does not
+        ("h:٣", "bad port"),  # int() would read 3
+        ("h:" + "1" * 5000, "bad port"),  # past int()'s digit limit
+        ("http://:2379", "bad host ''"),
+        ("http://a b:1", "bad host 'a b'"),
+        ("http://a\x00b:1", "bad host"),
+        ("http://é:1", "bad host"),
+        ("[::1]x", "expected [http[s]://]host[:port]"),
+    ],
+)
+def test_bad_hosts_and_ports_are_config_errors(endpoints: str, says: str) -> None:
+    with pytest.raises(EtcdConfigError, match="--etcd: ") as e:
+        EtcdConnection.from_url(endpoints)
+    assert says in str(e.value)
+
+
+LONE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"endpoints": f"http://h{LONE}:1"}, "endpoints"),
+        ({"endpoints": "e:1", "userid": f"ro{LONE}ot"}, "userid"),
+        ({"endpoints": "e:1", "userid": "root", "password": f"{PASSWORD}{LONE}"}, "password"),
+        ({"endpoints": "e:1", "root_prefix": f"rp{LONE}"}, "root_prefix"),
+        ({"endpoints": "e:1", "override_authority": f"a{LONE}"}, "override_authority"),
+        ({"endpoints": "e:1", "certificate": CA.replace("Q0FD", f"Q0FD{LONE}")}, "certificate"),
+        ({"endpoints": "e:1", "certificate_file": f"ca{LONE}.pem"}, "certificate_file"),
+        (
+            {"endpoints": "e:1", "client_certificate": CERT, "client_key": KEY + LONE},
+            "client_key",
+        ),
+    ],
+)
+def test_a_lone_surrogate_names_the_field_not_its_value(
+    tmp_path: Path, doc: dict[str, Any], field: str
+) -> None:
+    # json.dumps writes the surrogate as the escape \ud800, which json.loads reads back
+    message = error_of(write(tmp_path, doc))
+    # the field and the reason, nothing of the value
+    assert message.endswith(f": {field}: not valid Unicode text (a lone surrogate)")
+
+
+def test_hostile_json_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "etcd_connection"
+    deep = 200_000
+    path.write_text('{"endpoints": ' + "[" * deep + "]" * deep + "}")
+    assert "nested too deeply" in error_of(path)
+    path.write_text('{"endpoints": 1' + "0" * 5000 + "}")
+    assert "a number is too long" in error_of(path)
+    path.write_bytes(b'{"endpoints": "\xff"}')
+    assert "not UTF-8" in error_of(path)
+
+
+def test_files_must_be_small_regular_files(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.pem")  # opening it must not wait for a writer
+    (tmp_path / "dir.pem").mkdir()
+    (tmp_path / "big.pem").write_bytes(CA.encode() + b"x" * (1024 * 1024))
+    for name, says in [
+        ("fifo.pem", "cannot read: not a regular file"),
+        ("dir.pem", "cannot read: not a regular file"),
+        ("big.pem", "larger than 1024 KiB"),
+        ("nul\x00.pem", "cannot read: not a valid file name"),
+    ]:
+        path = write(tmp_path, {"endpoints": "e:1", "certificate_file": name})
+        assert f"certificate_file {tmp_path / name}: {says}" in error_of(path)
+    os.mkfifo(tmp_path / "fifo.json")
+    assert "not a regular file" in error_of(tmp_path / "fifo.json")
+
+
+_HOSTILE_TEXT = st.lists(
+    st.characters() | st.sampled_from([LONE, "\udfff", "\x00", "@", ":", ",", "²", "[", "]"]),
+    max_size=30,
+).map("".join)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _HOSTILE_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_HOSTILE_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            name: _JSON | _HOSTILE_TEXT
+            for name in (
+                "endpoints",
+                "userid",
+                "password",
+                "root_prefix",
+                "certificate",
+                "client_key",
+                "client_certificate",
+                "override_authority",
+            )
+        },
+    )
+)
+def test_any_document_parses_or_is_a_config_error(doc: dict[str, Any]) -> None:
+    text = json.dumps(doc)
+    try:
+        c = EtcdConnection.from_json(text)
+    except EtcdConfigError as e:
+        message = str(e)
+        message.encode()  # printable as it is
+        password = doc.get("password")
+        others = repr({k: v for k, v in doc.items() if k != "password"})
+        if isinstance(password, str) and len(password) > 3 and password not in others:
+            assert password not in message
+        return
+    # what parsed can be used: every text encodes, every endpoint makes a channel
+    for value in (c.userid, c.password, c.root_prefix, c.override_authority):
+        if value is not None:
+            value.encode()
+    for endpoint in c.endpoints:
+        endpoint.target.encode()

@@ -18,8 +18,9 @@ from modelxds.modelmesh import (
     encode,
     litelinks_item,
 )
+from modelxds.placement.etcd import prefix_range_end
 from modelxds.placement.model import MeshPlacement, Transition, build_mesh
-from modelxds.placement.watch import MeshTables, prefix_range_end
+from modelxds.placement.watch import MeshTables
 
 NOW = 1_715_000_100_000
 LOADED_AFTER = 3000

@@ -321,6 +321,81 @@ def test_a_malformed_body_is_a_400_naming_the_field(body: bytes, names: str) -> 
     assert names in _bad(body)
 
 
+def _nested(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        # shapes the proto's int64 cannot hold: protobuf raised ValueError (a 500)
+        (_body(_tensor("FP32", [1], [10**30])), "inputs[0].shape[0]: does not fit in int64"),
+        (_body(_tensor("FP32", [], [2**63])), "inputs[0].shape[0]: does not fit in int64"),
+        (
+            _body(_tensor("FP32", [], [2**62, 2**62])),
+            "inputs[0].shape: [4611686018427387904, 4611686018427387904] holds more elements",
+        ),
+        (_body(_tensor("FP32", [1], [1] * 65)), "inputs[0].shape: 65 dimensions, at most 64"),
+        # an unpaired \ud800 escape: protobuf (UTF-8) refused the string (a 500)
+        (
+            _body(_tensor("BYTES", ["a", "b", "c", "d", "e", "\ud800"])),
+            "inputs[0].data[5]: not valid Unicode (a lone surrogate)",
+        ),
+        (
+            _body(_tensor("FP32", [1, 2, 3, 4, 5, 6]), id="r\udfff"),
+            "id: not valid Unicode",
+        ),
+        (
+            _body(_tensor("FP32", [1, 2, 3, 4, 5, 6], parameters={"k\ud800": 1})),
+            "inputs[0].parameters: a key: not valid Unicode",
+        ),
+        (
+            _body({"name": "x\ud800", "datatype": "FP32", "shape": [1], "data": [1]}),
+            "inputs[0].name: not valid Unicode",
+        ),
+        # nesting past json's recursion: RecursionError (a 500)
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+            + _nested(100_000).encode()
+            + b"}]}",
+            "inputs[0].data: nested too deeply",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
+            + b'"parameters": {"p": '
+            + _nested(100_000, '{"q": 1}').encode()
+            + b'}, "data": [1]}]}',
+            "inputs[0].parameters.p: nested too deeply",
+        ),
+        (_nested(100_000).encode(), "request body: nested too deeply"),
+    ],
+    ids=[
+        "dim-1e30",
+        "dim-2^63",
+        "count-overflow",
+        "rank-65",
+        "bytes-surrogate",
+        "id-surrogate",
+        "key-surrogate",
+        "name-surrogate",
+        "deep-data",
+        "deep-parameters",
+        "deep-body",
+    ],
+)
+def test_hostile_bodies_are_a_400_naming_the_field(body: bytes, names: str) -> None:
+    assert names in _bad(body)
+
+
+def test_data_nested_as_deep_as_its_shape_allows_is_converted() -> None:
+    # 64 dimensions: flatten recurses once per dimension, far below the recursion limit
+    request = parse_infer_request(_body(_tensor("INT32", json.loads(_nested(64)), [1] * 64)), "m")
+    assert list(request.inputs[0].contents.int_contents) == [1]
+    # a surrogate pair is one character, not a lone surrogate
+    request = parse_infer_request(_body(_tensor("BYTES", ["\U0001f600"], [1])), "m")
+    assert list(request.inputs[0].contents.bytes_contents) == ["\U0001f600".encode()]
+
+
 # ---------------------------------------------------------------------- documents
 
 
