@@ -33,3 +33,8 @@ CONNECTED_GATEWAYS = Gauge("modelxds_xds_connected_streams", "Open ADS streams")
 XDS_RESPONSES = Counter("modelxds_xds_responses_total", "DiscoveryResponses sent", ["type"])
 XDS_ACKS = Counter("modelxds_xds_acks_total", "ACKs received", ["type"])
 XDS_NACKS = Counter("modelxds_xds_nacks_total", "NACKs received (config rejected)", ["type"])
+POLICY_RELOADS = Counter(
+    "modelxds_policy_reloads_total",
+    "Policy reloads on SIGHUP, by result (applied, or rejected: the last good one serves)",
+    ["result"],
+)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import grpc
 from prometheus_client import start_http_server
 
+from modelxds import metrics
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import Layout
 from modelxds.placement.watch import PlacementWatcher
@@ -104,10 +105,29 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         controller.publish()  # the first config goes out without debounce delay
         await controller.run()
 
+    def reload_policy() -> None:
+        """SIGHUP: a valid policy replaces the one served; an invalid one is reported and
+        the last good one keeps serving."""
+        if not args.policy:
+            log.warning("SIGHUP: no --policy to reload; the built-in seed policy stays")
+            return
+        try:
+            new = load_policy(args.policy, allow_empty=args.allow_empty_policy)
+        except PolicyError as e:
+            metrics.POLICY_RELOADS.labels("rejected").inc()
+            log.error(
+                "SIGHUP: %s is invalid, the last good policy keeps serving:\n%s", args.policy, e
+            )
+            return
+        metrics.POLICY_RELOADS.labels("applied").inc()
+        log.info("SIGHUP: policy reloaded from %s", args.policy)
+        controller.set_policy(new)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_policy)
     tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(publish_when_synced())]
     try:
         stopped = asyncio.create_task(stop.wait())

@@ -48,6 +48,11 @@ class Controller:
         self.max_delay = max_delay
         self.placement: Placement | None = None
 
+    def set_policy(self, policy: Policy) -> None:
+        """Serve ``policy`` from the next push on (debounced like a placement change)."""
+        self.policy = policy
+        self._changed.set()
+
     def publish(self) -> None:
         """Translate the current placement into the cache now."""
         started = time.perf_counter()

@@ -22,9 +22,10 @@ from modelxds.localmesh.stack import Stack
 class Client:
     """Sends KServe V2 inference through the gateway and reports which pod answered."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, gateway: str | None = None) -> None:
         self.stack = stack
-        self.channel = grpc.aio.insecure_channel(stack.gateway)
+        self.gateway = gateway or stack.gateway  # host:port of one of its listeners
+        self.channel = grpc.aio.insecure_channel(self.gateway)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def grpc(self, model: str, headers: Sequence[tuple[str, str]] = ()) -> str:
@@ -47,7 +48,7 @@ class Client:
             }
         ).encode()
         req = urllib.request.Request(
-            f"http://{self.stack.gateway}/v2/models/{model}/infer",
+            f"http://{self.gateway}/v2/models/{model}/infer",
             data=body,
             headers={"content-type": "application/json", **(headers or {})},
         )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 
+import grpc
 import pytest
 
 from modelxds.localmesh import processes
@@ -209,3 +211,48 @@ async def test_two_gateways_get_the_same_config_and_both_route(
     # the two Envoys share the listener port (SO_REUSEPORT): whichever answers, it routes
     await _until_routed(client, "shared", {holder})
     assert set(await _route_count(client, "shared", n=30)) == {holder}
+
+
+async def test_sighup_reloads_a_valid_policy_and_keeps_the_last_good_one_otherwise(
+    stack: Stack, client: Client
+) -> None:
+    holder = pod_instance_id(1)
+    await stack.pod(holder)[1].add_copy("m", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "m", {holder})
+    serve = stack.processes[1]
+    policy = stack.workdir / "policy.yaml"
+    good = policy.read_text()
+
+    policy.write_text(good.replace("kind: VirtualService", "kind: VirtualSevice"))
+    serve.popen.send_signal(signal.SIGHUP)
+    await wait_until(
+        lambda: _logged(serve, "the last good policy keeps serving"), 10, "the rejection"
+    )
+    assert set(await _route_count(client, "m")) == {holder}  # still served, still routed
+
+    # a second listener port, as a reload adds one: served once the gateway has it
+    extra = processes.free_port()
+    policy.write_text(good.replace("    - port:", f"    - port: {extra}\n    - port:"))
+    serve.popen.send_signal(signal.SIGHUP)
+    extra_client = Client(stack, gateway=f"127.0.0.1:{extra}")
+    try:
+        await wait_until(
+            lambda: _answers(extra_client, "m", holder), 15, "the new listener port to route"
+        )
+    finally:
+        await extra_client.close()
+    assert set(await _route_count(client, "m")) == {holder}  # and the old port goes on
+    metrics = stack.metrics()
+    assert 'modelxds_policy_reloads_total{result="rejected"} 1.0' in metrics
+    assert 'modelxds_policy_reloads_total{result="applied"} 1.0' in metrics
+
+
+async def _logged(proc: processes.Process, text: str) -> bool:
+    return text in proc.log_path.read_text()
+
+
+async def _answers(client: Client, model: str, holder: str) -> bool:
+    try:
+        return await client.grpc("x", [("model", model)]) == holder
+    except grpc.aio.AioRpcError:
+        return False
