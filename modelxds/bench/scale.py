@@ -42,7 +42,16 @@ from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.serve import strategy
 from modelxds.xds.bootstrap import bootstrap
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
-from modelxds.xds.resources import PUSH_ORDER, WILDCARD_TYPES, Resources
+from modelxds.xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    SCOPED_ROUTE,
+    WILDCARD_TYPES,
+    Resources,
+)
 from modelxds.xds.server import AdsServer
 from modelxds.xds.translate import Options, RestMode
 
@@ -233,9 +242,11 @@ async def _all_acked(ads: AdsServer, cache: SnapshotCache, types: list[str]) -> 
 
 
 async def _client(channel: grpc.aio.Channel, node_id: str) -> None:
-    """Subscribe to every type, ACK every response; never parse resources (Envoy's cost)."""
+    """Subscribe as Envoy does and ACK every response: CDS, LDS and SRDS whole, EDS by the
+    clusters' names, RDS by the names the listeners (RDS) or scopes (SRDS) give. Resources
+    are read only for those names; Envoy's own cost of applying them is not modelled."""
     queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
-    for t in PUSH_ORDER:
+    for t in (CLUSTER, LISTENER):
         queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=t, node=base_pb2.Node(id=node_id)))
 
     async def requests() -> Any:
@@ -247,10 +258,7 @@ async def _client(channel: grpc.aio.Channel, node_id: str) -> None:
     )
     names: dict[str, list[str]] = {}
     async for resp in stream:
-        if resp.type_url.endswith("Cluster"):
-            names["type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"] = [
-                _name(r.value) for r in resp.resources
-            ]
+        subscribe = _wants(resp)
         queue.put_nowait(
             discovery_pb2.DiscoveryRequest(
                 type_url=resp.type_url,
@@ -259,12 +267,52 @@ async def _client(channel: grpc.aio.Channel, node_id: str) -> None:
                 resource_names=names.get(resp.type_url, []),
             )
         )
+        for type_url, wanted in subscribe.items():
+            if type_url in names and names[type_url] == wanted:
+                continue
+            first = type_url not in names
+            names[type_url] = wanted
+            if first or wanted:  # a new subscription, or new names for it
+                queue.put_nowait(
+                    discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=wanted)
+                )
 
 
-def _name(value: bytes) -> str:
+def _wants(resp: discovery_pb2.DiscoveryResponse) -> dict[str, list[str]]:
+    """What a response makes Envoy subscribe to: EDS names from clusters, RDS names from
+    listeners' RDS or from scopes, and SRDS (whole) for listeners with scoped routes."""
     from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import scoped_route_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
 
-    return str(cluster_pb2.Cluster.FromString(value).name)
+    if resp.type_url == CLUSTER:
+        clusters = [cluster_pb2.Cluster.FromString(r.value) for r in resp.resources]
+        return {ENDPOINT: sorted(c.name for c in clusters if c.type == cluster_pb2.Cluster.EDS)}
+    if resp.type_url == SCOPED_ROUTE:
+        scopes = [
+            scoped_route_pb2.ScopedRouteConfiguration.FromString(r.value) for r in resp.resources
+        ]
+        return {ROUTE: sorted({s.route_configuration_name for s in scopes})}
+    if resp.type_url != LISTENER:
+        return {}
+    routes, scoped = set(), False
+    for r in resp.resources:
+        for chain in listener_pb2.Listener.FromString(r.value).filter_chains:
+            for f in chain.filters:
+                hcm = hcm_pb2.HttpConnectionManager()
+                if not f.typed_config.Unpack(hcm):
+                    continue
+                if hcm.HasField("scoped_routes"):
+                    scoped = True
+                elif hcm.HasField("rds"):
+                    routes.add(hcm.rds.route_config_name)
+    out: dict[str, list[str]] = {SCOPED_ROUTE: []} if scoped else {}
+    if routes:
+        out[ROUTE] = sorted(routes)
+    return out
 
 
 def main() -> None:
