@@ -18,6 +18,7 @@ from modelxds.modelmesh import DEFAULT_ROOT_PREFIX, DEFAULT_SERVICE_NAME, Layout
 from modelxds.placement.etcd import EtcdConfigError, EtcdConnection
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
 from modelxds.policy.model import REST_PORT_ANNOTATION
+from modelxds.xds.resources import PUSH_ORDER, SHORT_NAMES
 from modelxds.xds.translate import RestMode
 
 DEFAULT_NAMESPACE = "modelmesh-serving"
@@ -403,12 +404,8 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-_TYPES = {
-    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS",
-    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "EDS",
-    "type.googleapis.com/envoy.config.listener.v3.Listener": "LDS",
-    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS",
-}
+# every type the server sends, scoped routes included, by the name operators use
+_TYPES = {t: SHORT_NAMES[t].upper() for t in PUSH_ORDER}
 
 
 def status_rows(resp: Any) -> list[dict[str, Any]]:

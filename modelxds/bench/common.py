@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelxds.bench.stats import percentile
 from modelxds.localmesh.processes import binary
 
 
@@ -41,13 +42,6 @@ def machine() -> dict[str, Any]:
         "envoy": envoy,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * p // 100))  # ceil(n * p / 100)
-    return ordered[int(rank) - 1]
 
 
 def summary_ms(seconds: list[float]) -> dict[str, float]:

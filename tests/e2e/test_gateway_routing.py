@@ -75,6 +75,9 @@ async def test_loaded_model_reaches_its_holder_by_header_vmodel_and_rest_path(
     (row,) = await gateway_status(stack)
     assert row["gateway"] == "gateway-0"
     assert all(row[t].startswith("SYNCED") for t in ("CDS", "EDS", "LDS", "RDS")), row
+    # the scale strategy's scoped routes are a type of their own, shown as one
+    scoped = "--strategy" in stack.serve_args and "scale" in stack.serve_args
+    assert row["SRDS"].startswith("SYNCED" if scoped else "NOT REQUESTED"), row
 
 
 async def test_unknown_model_is_served_by_any_pod(stack: Stack, client: Client) -> None:
