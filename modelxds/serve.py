@@ -60,7 +60,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     cache = SnapshotCache()
     ads = AdsServer(cache)
     controller = Controller(
-        watcher.snapshot,
+        watcher.capture,
         watcher.changed,
         policy,
         cache,
@@ -102,7 +102,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
 
     async def publish_when_synced() -> None:
         await watcher.synced.wait()
-        controller.publish()  # the first config goes out without debounce delay
+        await controller.publish()  # the first config goes out without debounce delay
         await controller.run()
 
     def reload_policy() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NoReturn
@@ -158,15 +158,37 @@ class PlacementWatcher:
         ]
 
     def snapshot(self, now_ms: int | None = None) -> Placement:
+        return self.capture(now_ms)()
+
+    def capture(self, now_ms: int | None = None) -> Callable[[], Placement]:
+        """Take what changed since the last snapshot (on the event loop, quickly); the
+        returned build turns it into a Placement anywhere, a thread included, once.
+
+        The build may take seconds after a re-list of 100,000s of records; meanwhile the
+        watch goes on. It reads the pod tables as they are now (copies: small) and looks
+        up the registry and vmodels by key only, so a record the watch replaces meanwhile
+        is read old or new, and is marked changed for the next snapshot either way.
+        """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        meshes = {}
+        revision = self.revision
+        jobs = []
         for t, index in zip(self.tables, self._indexes, strict=True):
-            meshes[t.namespace] = index.refresh(
-                t.changes, t.registry, t.vmodels, t.instances, t.litelinks, now_ms
-            )
-            metrics.MODELS.labels(t.namespace).set(len(t.registry))
-            metrics.INSTANCES.labels(t.namespace).set(len(meshes[t.namespace].instances))
-        return Placement(MappingProxyType(meshes), self.revision)
+            changes, t.changes = t.changes, Changes()
+            # the dicts themselves: a re-list replaces them, and this build reads the ones
+            # its changes came from
+            tables = (t.registry, t.vmodels, dict(t.instances), dict(t.litelinks))
+            jobs.append((t.namespace, index, changes, tables))
+
+        def build() -> Placement:
+            meshes = {}
+            for namespace, index, changes, (registry, vmodels, instances, litelinks) in jobs:
+                mesh = index.refresh(changes, registry, vmodels, instances, litelinks, now_ms)
+                meshes[namespace] = mesh
+                metrics.MODELS.labels(namespace).set(len(registry))
+                metrics.INSTANCES.labels(namespace).set(len(mesh.instances))
+            return Placement(MappingProxyType(meshes), revision)
+
+        return build
 
     def invalid_records(self) -> dict[str, str]:
         return {k: v for t in self.tables for k, v in t.invalid.items()}

@@ -111,9 +111,19 @@ class SnapshotCache:
         return self._types
 
     def set(self, resources: Resources) -> list[str]:
-        """Replace the config; returns the type URLs whose content changed.
+        """Replace the config and wake the streams; returns the type URLs whose content
+        changed. On the event loop: ``store`` then ``announce``."""
+        changed = self.store(resources)
+        self.announce(changed)
+        return changed
 
-        A message is taken as final once set: passed again (the same object, as the
+    def store(self, resources: Resources) -> list[str]:
+        """Serialize and swap in a new config; returns the type URLs whose content changed.
+
+        Any thread, one call at a time: streams read the config as one reference swapped
+        whole, so they see the old or the new one, and are woken by ``announce``.
+
+        A message is taken as final once stored: passed again (the same object, as the
         scale translator does for what did not change), its bytes are reused, neither
         serialized nor, on streams that already have them, sent again.
         """
@@ -140,11 +150,14 @@ class SnapshotCache:
                 types[type_url] = TypeSnapshot(type_url, version, serialized)
                 changed.append(type_url)
         self._types = MappingProxyType(types)
+        return changed
+
+    def announce(self, changed: list[str]) -> None:
+        """On the event loop: the stored config is in; wake the streams if it changed."""
         self.ready.set()
         if changed:
             for ev in self._listeners:
                 ev.set()
-        return changed
 
     def subscribe(self, event: asyncio.Event) -> None:
         self._listeners.add(event)

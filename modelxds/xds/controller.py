@@ -3,6 +3,9 @@
 Placement can change hundreds of times a second while ModelMesh loads and evicts.
 A push waits for ``quiet`` seconds without change, but never more than ``max_delay``
 after the first pending change, so a steady stream of updates still gets through.
+
+A push builds in a worker thread (placement, translation, serialization: seconds
+after a re-list of 100,000s of models), so meanwhile ADS answers and the watch reads.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from modelxds.xds.resources import Resources
 from modelxds.xds.translate import Options, translate
 
 Translator = Callable[[Placement, Policy, Options], Resources]
+# Takes what changed, on the event loop; returns the build of the Placement, for a thread.
+Capture = Callable[[], Callable[[], Placement]]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ log = logging.getLogger(__name__)
 class Controller:
     def __init__(
         self,
-        snapshot: Callable[[], Placement],
+        capture: Capture,
         changed: asyncio.Event,
         policy: Policy,
         cache: SnapshotCache,
@@ -39,7 +44,7 @@ class Controller:
         translator: Translator = translate,
     ) -> None:
         self.translator = translator
-        self._snapshot = snapshot
+        self._capture = capture
         self._changed = changed
         self.policy = policy
         self.cache = cache
@@ -53,11 +58,17 @@ class Controller:
         self.policy = policy
         self._changed.set()
 
-    def publish(self) -> None:
+    async def publish(self) -> None:
         """Translate the current placement into the cache now."""
         started = time.perf_counter()
-        placement = self._snapshot()
-        changed = self.cache.set(self.translator(placement, self.policy, self.options))
+        build, policy = self._capture(), self.policy
+
+        def push() -> tuple[Placement, list[str]]:
+            placement = build()
+            return placement, self.cache.store(self.translator(placement, policy, self.options))
+
+        placement, changed = await asyncio.to_thread(push)
+        self.cache.announce(changed)
         self.placement = placement
         elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
@@ -75,7 +86,7 @@ class Controller:
             await self._wait_for_change()
             await self._debounce()
             self._changed.clear()
-            self.publish()
+            await self.publish()
 
     async def _wait_for_change(self) -> None:
         """Until etcd changed, a loading copy becomes loaded by the clock, or a cluster the

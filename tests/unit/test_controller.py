@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+
+from google.protobuf.message import Message
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.placement.model import Placement
@@ -17,12 +20,14 @@ from tests.unit.xds_messages import cluster
 
 
 class Counting:
+    """A placement capture that counts the pushes it is taken for."""
+
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self) -> Placement:
+    def __call__(self) -> Callable[[], Placement]:
         self.calls += 1
-        return Placement()
+        return Placement
 
 
 def _controller(
@@ -74,7 +79,7 @@ async def test_changes_that_never_pause_are_pushed_by_the_max_delay() -> None:
 
 async def test_publish_fills_the_cache_with_every_resource_type() -> None:
     controller = _controller(Counting(), asyncio.Event(), quiet=0.1, max_delay=1)
-    controller.publish()
+    await controller.publish()
     assert controller.cache.ready.is_set()
     assert all(
         controller.cache.get(t).version
@@ -95,8 +100,8 @@ async def test_a_dropped_cluster_leaves_cds_when_its_time_is_up_without_a_change
         Options(descriptor_set=descriptor_set_bytes()),
         translator=lambda *_: next(configs, {CLUSTER: {"pod-a": cluster("pod-a")}}),
     )
-    controller.publish()
-    controller.publish()  # pod-b dropped: it stays, its routes move first
+    await controller.publish()
+    await controller.publish()  # pod-b dropped: it stays, its routes move first
     assert set(controller.cache.get(CLUSTER).resources) == {"pod-a", "pod-b"}
     task = asyncio.create_task(controller.run())  # and no etcd change comes
     try:
@@ -108,3 +113,27 @@ async def test_a_dropped_cluster_leaves_cds_when_its_time_is_up_without_a_change
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_slow_build_leaves_the_event_loop_free_for_ads_and_the_watch() -> None:
+    def slow(*_: object) -> dict[str, dict[str, Message]]:
+        time.sleep(1.0)  # a cold translation at 100,000s of models, holding its thread
+        return {CLUSTER: {"pod-a": cluster("pod-a")}}
+
+    controller = Controller(
+        Counting(),
+        asyncio.Event(),
+        default_policy(),
+        SnapshotCache(),
+        Options(descriptor_set=descriptor_set_bytes()),
+        translator=slow,
+    )
+    push = asyncio.create_task(controller.publish())
+    worst, last = 0.0, time.monotonic()
+    while not push.done():  # what an ADS stream or the etcd watch would wait for
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        worst, last = max(worst, now - last), now
+    await push
+    assert worst < 0.2, f"the event loop stalled {worst:.2f} s"
+    assert "pod-a" in controller.cache.get(CLUSTER).resources
