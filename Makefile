@@ -9,7 +9,7 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
-	bench-build compare clean
+	bench-build bench-stall compare clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -65,6 +65,9 @@ compare: setup models
 
 bench-build: setup
 	$(PY) -m modelxds.bench.build --out bench-results/build.json
+
+bench-stall: setup
+	$(PY) -m modelxds.bench.stall --out bench-results/stall.json
 
 clean:
 	rm -rf $(VENV) $(MLVENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results
