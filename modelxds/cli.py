@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         serve,
         "--debounce-quiet-ms",
-        "push after this long without placement change",
+        "a change after this long without a push goes out at once; one sooner waits for this "
+        "long without change",
         type=int,
         default=100,
     )

@@ -41,7 +41,12 @@ async def _served_by(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> str:
 
 
 async def run(
-    pods: int, models: int, changes: int, workdir: Path, strategy: str = "subset"
+    pods: int,
+    models: int,
+    changes: int,
+    workdir: Path,
+    strategy: str = "subset",
+    gap_s: tuple[float, float] = (0.15, 0.35),
 ) -> dict[str, object]:
     stack = Stack(workdir, pods=pods, serve_args=("--strategy", strategy))
     await stack.start()
@@ -82,7 +87,7 @@ async def run(
             samples.append(time.perf_counter() - written)
             probes.append(n)
             holder[model] = new
-            await asyncio.sleep(rnd.uniform(0.05, 0.25))  # changes arrive apart, not in a burst
+            await asyncio.sleep(rnd.uniform(*gap_s))  # changes arrive apart, not in a burst
     finally:
         await channel.close()
         await stack.stop()
@@ -91,6 +96,7 @@ async def run(
         "models": models,
         "changes": changes,
         "strategy": strategy,
+        "gap_s": list(gap_s),
         "convergence": summary_ms(samples),
         "probe_requests_mean": sum(probes) / len(probes),
     }
@@ -114,9 +120,19 @@ def main() -> None:
     p.add_argument("--models", type=int, default=1000)
     p.add_argument("--changes", type=int, default=60)
     p.add_argument("--strategy", choices=["subset", "scale"], default="subset")
+    p.add_argument(
+        "--gap-ms",
+        default="150,350",
+        help="LOW,HIGH: a change follows the last one's convergence after a random pause in "
+        "this range; above serve's 100 ms quiet period each is isolated and goes out at once",
+    )
     args = p.parse_args()
+    low, high = (int(x) / 1000 for x in args.gap_ms.split(","))
+    gap_s = (low, high)
     with tempfile.TemporaryDirectory(prefix="modelxds-bench-") as tmp:
-        result = asyncio.run(run(args.pods, args.models, args.changes, Path(tmp), args.strategy))
+        result = asyncio.run(
+            run(args.pods, args.models, args.changes, Path(tmp), args.strategy, gap_s)
+        )
     c = result["convergence"]
     assert isinstance(c, dict)
     print(

@@ -1,8 +1,10 @@
 """Placement changes -> debounced translation -> snapshot cache.
 
 Placement can change hundreds of times a second while ModelMesh loads and evicts.
-A push waits for ``quiet`` seconds without change, but never more than ``max_delay``
-after the first pending change, so a steady stream of updates still gets through.
+A change after ``quiet`` seconds without a push goes out at once (the leading edge:
+an isolated load routes as soon as it is seen); changes that follow a push wait for
+``quiet`` seconds without change, but never more than ``max_delay``, so a burst is a
+few pushes and a steady stream of updates still gets through.
 
 A push builds in a worker thread (placement, translation, serialization: seconds
 after a re-list of 100,000s of models), so meanwhile ADS answers and the watch reads.
@@ -52,6 +54,7 @@ class Controller:
         self.quiet = quiet
         self.max_delay = max_delay
         self.placement: Placement | None = None
+        self._pushed_at = -float("inf")  # time.monotonic() when the last push went in
 
     def set_policy(self, policy: Policy) -> None:
         """Serve ``policy`` from the next push on (debounced like a placement change)."""
@@ -69,6 +72,7 @@ class Controller:
 
         placement, changed = await asyncio.to_thread(push)
         self.cache.announce(changed)
+        self._pushed_at = time.monotonic()
         self.placement = placement
         elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
@@ -84,7 +88,8 @@ class Controller:
     async def run(self) -> None:
         while True:
             await self._wait_for_change()
-            await self._debounce()
+            if time.monotonic() - self._pushed_at < self.quiet:
+                await self._debounce()  # a burst under way: coalesce what follows
             self._changed.clear()
             await self.publish()
 

@@ -44,7 +44,7 @@ def _controller(
     )
 
 
-async def test_a_burst_of_changes_becomes_one_push() -> None:
+async def test_a_burst_of_changes_becomes_two_pushes_the_first_at_once() -> None:
     snapshot, changed = Counting(), asyncio.Event()
     task = asyncio.create_task(_controller(snapshot, changed, quiet=0.2, max_delay=5).run())
     try:
@@ -55,7 +55,7 @@ async def test_a_burst_of_changes_becomes_one_push() -> None:
         while snapshot.calls == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.4)
-        assert snapshot.calls == 1
+        assert snapshot.calls == 2  # the leading edge, then the rest coalesced
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -137,3 +137,25 @@ async def test_a_slow_build_leaves_the_event_loop_free_for_ads_and_the_watch() -
     await push
     assert worst < 0.2, f"the event loop stalled {worst:.2f} s"
     assert "pod-a" in controller.cache.get(CLUSTER).resources
+
+
+async def test_an_isolated_change_goes_out_at_once_and_a_burst_in_a_few_pushes() -> None:
+    snapshot, changed = Counting(), asyncio.Event()
+    task = asyncio.create_task(_controller(snapshot, changed, quiet=0.5, max_delay=1).run())
+    try:
+        changed.set()
+        started = time.monotonic()
+        while snapshot.calls == 0:
+            await asyncio.sleep(0.005)
+        assert time.monotonic() - started < 0.25  # not after the 0.5 s quiet period
+        await asyncio.sleep(0.6)  # quiet again
+        burst_started, calls = time.monotonic(), snapshot.calls
+        while time.monotonic() - burst_started < 1.0:  # 1,000 changes a second
+            changed.set()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(1.2)  # the last of it goes out
+        assert 2 <= snapshot.calls - calls <= 4
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
