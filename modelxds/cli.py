@@ -19,6 +19,7 @@ from modelxds.placement.etcd import EtcdConfigError, EtcdConnection
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
 from modelxds.policy.model import REST_PORT_ANNOTATION
 from modelxds.xds.resources import PUSH_ORDER, SHORT_NAMES
+from modelxds.xds.server import MAX_NAMES, MAX_STREAMS
 from modelxds.xds.translate import RestMode
 
 DEFAULT_NAMESPACE = "modelmesh-serving"
@@ -184,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=8008,
     )
     _add(serve, "--xds-address", "ADS gRPC listen address HOST:PORT", default=DEFAULT_XDS)
+    _add(
+        serve,
+        "--max-gateways",
+        "ADS streams served at once; more are refused with RESOURCE_EXHAUSTED",
+        type=int,
+        default=MAX_STREAMS,
+    )
+    _add(
+        serve,
+        "--max-names",
+        "resource names one ADS request may subscribe to",
+        type=int,
+        default=MAX_NAMES,
+    )
     _add(
         serve,
         "--metrics-address",

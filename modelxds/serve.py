@@ -58,7 +58,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
             return 2
         log.warning("%s; serving anyway, retrying in the background", e)
     cache = SnapshotCache()
-    ads = AdsServer(cache)
+    ads = AdsServer(cache, max_streams=args.max_gateways, max_names=args.max_names)
     controller = Controller(
         watcher.capture,
         watcher.changed,

@@ -71,11 +71,22 @@ class Stream:
     types: dict[str, TypeState] = field(default_factory=dict)
 
 
-class AdsServer:
-    """Serves the cache to any number of gateways."""
+# Defaults of the limits: far above a deployment's gateways and a gateway's subscription
+# (the scale strategy's RDS is 514 names a listener), low enough that a misbehaving
+# client cannot make the server hold unbounded state.
+MAX_STREAMS = 1000
+MAX_NAMES = 100_000
 
-    def __init__(self, cache: SnapshotCache) -> None:
+
+class AdsServer:
+    """Serves the cache to up to ``max_streams`` gateways at once."""
+
+    def __init__(
+        self, cache: SnapshotCache, *, max_streams: int = MAX_STREAMS, max_names: int = MAX_NAMES
+    ) -> None:
         self.cache = cache
+        self.max_streams = max_streams
+        self.max_names = max_names
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -96,15 +107,32 @@ class AdsServer:
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
+        if len(self.streams) >= self.max_streams:
+            log.warning(
+                "refused a gateway from %s: %d streams open", context.peer(), self.max_streams
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this modelxds serves at most {self.max_streams} gateways at once "
+                "(serve --max-gateways); try another replica",
+            )
         stream = Stream(next(self._ids), context.peer())
         self.streams[stream.id] = stream
         wake = asyncio.Event()
         closed = False
+        refusal = ""
 
         async def read() -> None:
-            nonlocal closed
+            nonlocal closed, refusal
             try:
                 async for req in requests:
+                    if len(req.resource_names) > self.max_names:
+                        refusal = (
+                            f"{SHORT_NAMES.get(req.type_url, req.type_url)} request names "
+                            f"{len(req.resource_names)} resources, over the limit of "
+                            f"{self.max_names} (serve --max-names)"
+                        )
+                        break
                     self._on_request(stream, req)
                     wake.set()
             finally:
@@ -118,6 +146,9 @@ class AdsServer:
             while True:
                 await wake.wait()
                 wake.clear()
+                if refusal:
+                    log.warning("gateway %s (%s): %s", stream.node_id, stream.peer, refusal)
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
                 if closed:
                     break
                 # one version of every type per cycle: a push landing while this cycle

@@ -714,3 +714,22 @@ async def test_one_response_cycle_sends_every_type_from_one_version(env: Env) ->
     # the routes of the clusters just sent, not of the push that landed meanwhile
     assert table.virtual_hosts[0].routes[0].route.cluster == "model-b"
     assert "model-c" in names_in(await gw.recv())  # and then the newer version, whole
+
+
+async def test_gateways_beyond_the_limit_and_oversized_subscriptions_are_refused_clearly(
+    env: Env,
+) -> None:
+    env.cache.set(make_config())
+    env.ads.max_streams, env.ads.max_names = 1, 3
+    first, _ = await connect_all(env)
+    second = env.gateway("gw-2")
+    second.request(CLUSTER)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(second._reader, WAIT)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at most 1 gateways" in (refused.value.details() or "")
+    first.request(ENDPOINT, ["a", "b", "c", "d"])  # one name over the limit
+    with pytest.raises(grpc.aio.AioRpcError) as oversized:
+        await asyncio.wait_for(first._reader, WAIT)
+    assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "eds request names 4 resources" in (oversized.value.details() or "")
