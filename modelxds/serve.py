@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def strategy(name: str) -> Translator:
     """The translator for ``--strategy``."""
     if name == "scale":
-        from modelxds.xds.scale import translate_scale
+        from modelxds.xds.scale import ScaleStrategy
 
-        return translate_scale
+        return ScaleStrategy()
     return translate
 
 

@@ -36,7 +36,7 @@ it, since sending them anywhere would break the rule.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -99,9 +99,26 @@ M = TypeVar("M", bound=Message)
 Address = tuple[str, str]  # a pod's instance id and IP
 
 
+class ScaleStrategy:
+    """The scale translator, holding what its last translation built: a route table or
+    pod cluster whose inputs did not change comes back as the very same message, which
+    the SnapshotCache then neither serializes nor sends again. One per ``serve``."""
+
+    def __init__(self) -> None:
+        self._reuse = _Reuse()
+
+    def __call__(self, placement: Placement, policy: Policy, options: Options) -> Resources:
+        """Same contract as ``translate``: same input, same bytes."""
+        self._reuse.next_translation()
+        return _translate(placement, policy, options, self._reuse)
+
+
 def translate_scale(placement: Placement, policy: Policy, options: Options) -> Resources:
-    """Same contract as ``translate``: a pure function, same input, same bytes."""
-    _REUSE.next_translation()
+    """One translation with nothing to reuse: a pure function, same input, same bytes."""
+    return ScaleStrategy()(placement, policy, options)
+
+
+def _translate(placement: Placement, policy: Policy, options: Options, reuse: _Reuse) -> Resources:
     clusters: dict[str, Message] = {}
     endpoints: dict[str, Message] = {}
     listeners: dict[str, Message] = {}
@@ -136,7 +153,7 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
                 iid: pod_cluster_name(d.fqdn, port, iid, rest=rest)
                 for iid in sorted(d.mesh.instances)
             }
-            clusters.update(pod_clusters(d, pods, port, options, http2=not rest))
+            clusters.update(pod_clusters(d, pods, port, options, reuse, http2=not rest))
             model_vhost = _virtual_host(d, miss, service, pods, rest=rest)
             no_model_vhost = _virtual_host(
                 d, d.rule.fallback_policy, service, pods, rest=rest, no_model=True
@@ -146,10 +163,8 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
                 for name in shards:
                     scopes[name] = build_scope(name)
                 for name, bucket in zip(shards[:-1], d.mesh.routes, strict=True):
-                    routes[name] = _REUSE.get(
-                        (name, model_vhost, id(bucket), d.fqdn, port, rest),
-                        build_shard_table,
-                        *(name, model_vhost, bucket, d.fqdn, port, rest),
+                    routes[name] = reuse.get(
+                        name, build_shard_table, name, model_vhost, bucket, d.fqdn, port, rest
                     )
                 routes[shards[-1]] = build_shard_table(shards[-1], no_model_vhost, {}, "", 0, rest)
     return {
@@ -162,30 +177,30 @@ def translate_scale(placement: Placement, policy: Policy, options: Options) -> R
 
 
 class _Reuse:
-    """Messages built by the previous translation, by everything they were built from.
-
-    A shard or pod cluster whose inputs did not change comes back as the very same
-    object, which the SnapshotCache then neither serializes nor sends again. Only the
-    last translation's messages are kept, with the arguments they were built from (so
-    an ``id()`` among the inputs stays that object's).
-    """
+    """Messages the previous translation built, by resource name, with the arguments
+    they were built from: the same arguments again give the same message. A bucket that
+    did not change is the very object it was (the placement index hands it on), so the
+    comparison is by identity first and by value only for what changed."""
 
     def __init__(self) -> None:
-        self._last: dict[Hashable, tuple[tuple[Any, ...], Message]] = {}
-        self._now: dict[Hashable, tuple[tuple[Any, ...], Message]] = {}
+        self._last: dict[str, tuple[tuple[Any, ...], Message]] = {}
+        self._now: dict[str, tuple[tuple[Any, ...], Message]] = {}
 
     def next_translation(self) -> None:
         self._last, self._now = self._now, {}
 
-    def get(self, inputs: Hashable, build: Callable[..., M], *args: Any) -> M:
-        built = self._now.get(inputs) or self._last.get(inputs)
-        if built is None:
+    def get(self, name: str, build: Callable[..., M], *args: Any) -> M:
+        built = self._now.get(name) or self._last.get(name)
+        if built is None or not _same(built[0], args):
             built = (args, build(*args))
-        self._now[inputs] = built
+        self._now[name] = built
         return built[1]  # type: ignore[return-value]
 
 
-_REUSE = _Reuse()
+def _same(before: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    return len(before) == len(now) and all(
+        a is b or a == b for a, b in zip(before, now, strict=True)
+    )
 
 
 def shard_prefix(listen_port: int, *, rest: bool) -> str:
@@ -210,7 +225,13 @@ def pod_cluster_name(fqdn: str, port: int, instance_id: str, *, rest: bool = Fal
 
 
 def pod_clusters(
-    d: Destination, pods: Mapping[str, str], port: int, options: Options, *, http2: bool
+    d: Destination,
+    pods: Mapping[str, str],
+    port: int,
+    options: Options,
+    reuse: _Reuse,
+    *,
+    http2: bool,
 ) -> dict[str, cluster_pb2.Cluster]:
     """Cluster name -> the pod's cluster on ``port``, for ``pods`` (instance id -> cluster
     name)."""
@@ -218,10 +239,8 @@ def pod_clusters(
     # all a pod cluster uses of the pods: their load statistics change nothing
     addresses = tuple((iid, d.mesh.instances[iid].host) for iid in pods)
     return {
-        name: _REUSE.get(
-            (name, iid, addresses, failover, port, http2, options),
-            build_pod_cluster,
-            *(name, iid, addresses, failover, port, http2, options),
+        name: reuse.get(
+            name, build_pod_cluster, name, iid, addresses, failover, port, http2, options
         )
         for iid, name in pods.items()
     }

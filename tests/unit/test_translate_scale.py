@@ -24,7 +24,7 @@ from modelxds.placement.model import Placement, route_bucket
 from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
-from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, translate_scale
+from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy, translate_scale
 from modelxds.xds.translate import REST_API_PATH, RestMode, translate
 from tests.unit.test_translate import (
     KEY,
@@ -342,14 +342,24 @@ def test_placement_change_touches_only_the_tables_of_the_names_that_moved() -> N
 
 def test_an_unchanged_table_is_the_same_message_so_it_is_neither_serialized_nor_resent() -> None:
     placement = _placement()
-    first = translate_scale(placement, default_policy(), OPTIONS)
-    again = translate_scale(placement, default_policy(), OPTIONS)
+    strategy = ScaleStrategy()  # what serve holds: the reuse is its own, no module state
+    first = strategy(placement, default_policy(), OPTIONS)
+    again = strategy(placement, default_policy(), OPTIONS)
     for name, table in first[ROUTE].items():
         if not name.endswith("/none"):
             assert again[ROUTE][name] is table, name
     for name, cluster in first[CLUSTER].items():
         if name not in (SERVICE, REST_SERVICE):
             assert again[CLUSTER][name] is cluster, name
+    # a table whose bucket changed is rebuilt, by value: an equal copy of a bucket reuses
+    moved = _placement({"xgb__isvc-1a2b3c4d5e": ModelRecord(instance_ids={"7dd689-k2x9p": 1})})
+    after = strategy(moved, default_policy(), OPTIONS)
+    bucket = f"8008/{route_bucket('xgb__isvc-1a2b3c4d5e', BUCKETS)}"
+    assert after[ROUTE][bucket] is not again[ROUTE][bucket]
+    assert (
+        translate_scale(placement, default_policy(), OPTIONS)[ROUTE][bucket]
+        is not (first[ROUTE][bucket])
+    )  # a one-off translation keeps nothing
 
 
 def test_pod_load_statistics_change_nothing() -> None:
