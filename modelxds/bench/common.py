@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from modelxds.bench.stats import percentile
 from modelxds.localmesh.processes import binary
+from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.server import AdsServer
 
 
 def machine() -> dict[str, Any]:
@@ -62,3 +66,14 @@ def write_result(path: str, result: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+async def ads_server() -> tuple[SnapshotCache, AdsServer, grpc.aio.Server, int]:
+    """An ADS server on a free loopback port, as `modelxds serve` runs one."""
+    cache = SnapshotCache()
+    ads = AdsServer(cache)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+    server.add_generic_rpc_handlers([ads.handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return cache, ads, server, port

@@ -31,7 +31,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from modelxds.bench import convergence
 from modelxds.bench.build import NOW, tables
-from modelxds.bench.common import machine, summary_ms, write_result
+from modelxds.bench.common import ads_server, machine, summary_ms, write_result
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.localmesh import processes
 from modelxds.modelmesh import ModelRecord
@@ -125,17 +125,6 @@ async def _acked(ads: AdsServer, cache: SnapshotCache, types: list[str], timeout
     raise TimeoutError("Envoy did not ACK in time")
 
 
-async def _ads_server() -> tuple[SnapshotCache, AdsServer, grpc.aio.Server, int]:
-    """An ADS server on a free loopback port, as `modelxds serve` runs one."""
-    cache = SnapshotCache()
-    ads = AdsServer(cache)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
-    server.add_generic_rpc_handlers([ads.handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return cache, ads, server, port
-
-
 async def envoy_run(
     models: int,
     pods: int,
@@ -146,7 +135,7 @@ async def envoy_run(
     rest: RestMode = RestMode.PROXY,
 ) -> dict[str, Any]:
     world = World(models, pods, strategy_name, processes.free_port(), rest)
-    cache, ads, server, port = await _ads_server()
+    cache, ads, server, port = await ads_server()
     admin = f"127.0.0.1:{processes.free_port()}"
     envoy = processes.start_envoy(
         f"envoy-{strategy_name}-{concurrency}",
@@ -192,7 +181,7 @@ async def many_gateways(
 ) -> dict[str, Any]:
     """modelxds with ``gateways`` ADS clients that subscribe and ACK like Envoy."""
     world = World(models, pods, strategy_name, 8008)
-    cache, ads, server, port = await _ads_server()
+    cache, ads, server, port = await ads_server()
     cache.set(world.resources())
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]

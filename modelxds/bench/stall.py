@@ -21,16 +21,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from modelxds.bench.build import NOW, tables
-from modelxds.bench.common import machine, write_result
+from modelxds.bench.common import ads_server, machine, write_result
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.placement.index import Changes, MeshIndex
 from modelxds.placement.model import Placement
 from modelxds.policy import default_policy
 from modelxds.serve import strategy
-from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
 from modelxds.xds.resources import CLUSTER
-from modelxds.xds.server import AdsServer
 from modelxds.xds.translate import Options
 
 
@@ -45,12 +43,7 @@ async def cold_push(models: int, pods: int, strategy_name: str) -> dict[str, Any
             {"modelmesh-serving": index.refresh(changes, now_ms=NOW, **t)}, revision=1
         )
 
-    cache = SnapshotCache()
-    ads = AdsServer(cache)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
-    server.add_generic_rpc_handlers([ads.handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    cache, _, server, port = await ads_server()
     controller = Controller(
         capture,
         asyncio.Event(),
