@@ -29,6 +29,10 @@ SNAPSHOT_BUILD_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 SNAPSHOTS = Counter("modelxds_snapshots_total", "Snapshots published to the cache")
+SNAPSHOTS_REFUSED = Counter(
+    "modelxds_snapshots_refused_total",
+    "Translated configs not published: a route, listener or scope named what they lack",
+)
 CONNECTED_GATEWAYS = Gauge("modelxds_xds_connected_streams", "Open ADS streams")
 XDS_RESPONSES = Counter("modelxds_xds_responses_total", "DiscoveryResponses sent", ["type"])
 XDS_ACKS = Counter("modelxds_xds_acks_total", "ACKs received", ["type"])

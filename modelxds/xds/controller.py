@@ -22,6 +22,7 @@ from modelxds import metrics
 from modelxds.placement.model import Placement
 from modelxds.policy import Policy
 from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.references import ReferenceCheck
 from modelxds.xds.resources import Resources
 from modelxds.xds.translate import Options, translate
 
@@ -54,6 +55,7 @@ class Controller:
         self.quiet = quiet
         self.max_delay = max_delay
         self.placement: Placement | None = None
+        self.references = ReferenceCheck()
         self._pushed_at = -float("inf")  # time.monotonic() when the last push went in
 
     def set_policy(self, policy: Policy) -> None:
@@ -66,14 +68,28 @@ class Controller:
         started = time.perf_counter()
         build, policy = self._capture(), self.policy
 
-        def push() -> tuple[Placement, list[str]]:
+        def push() -> tuple[Placement, list[str], list[str]]:
             placement = build()
-            return placement, self.cache.store(self.translator(placement, policy, self.options))
+            resources = self.translator(placement, policy, self.options)
+            problems = self.references.problems(resources)
+            if problems:
+                return placement, [], problems
+            return placement, self.cache.store(resources), []
 
-        placement, changed = await asyncio.to_thread(push)
-        self.cache.announce(changed)
+        placement, changed, problems = await asyncio.to_thread(push)
         self._pushed_at = time.monotonic()
         self.placement = placement
+        if problems:
+            metrics.SNAPSHOTS_REFUSED.inc()
+            log.error(
+                "etcd revision %d: refused a config with %d dangling reference(s), the last "
+                "good one keeps serving: %s",
+                placement.revision,
+                len(problems),
+                "; ".join(problems[:5]),
+            )
+            return
+        self.cache.announce(changed)
         elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
         metrics.SNAPSHOTS.inc()

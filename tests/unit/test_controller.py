@@ -7,16 +7,26 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf.message import Message
+from prometheus_client import REGISTRY
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.placement.model import Placement
 from modelxds.policy import default_policy
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
-from modelxds.xds.resources import CLUSTER
+from modelxds.xds.resources import CLUSTER, ENDPOINT, ROUTE
 from modelxds.xds.translate import Options
-from tests.unit.xds_messages import cluster
+from tests.unit.xds_messages import assignment, cluster
+
+
+def _clusters(*names: str) -> dict[str, dict[str, Message]]:
+    """EDS clusters with their endpoints: a config without dangling references."""
+    return {
+        CLUSTER: {n: cluster(n) for n in names},
+        ENDPOINT: {n: assignment(n, 8033) for n in names},
+    }
 
 
 class Counting:
@@ -91,14 +101,14 @@ async def test_publish_fills_the_cache_with_every_resource_type() -> None:
 
 
 async def test_a_dropped_cluster_leaves_cds_when_its_time_is_up_without_a_change() -> None:
-    configs = iter([{CLUSTER: {"pod-a": cluster("pod-a"), "pod-b": cluster("pod-b")}}])
+    configs = iter([_clusters("pod-a", "pod-b")])
     controller = Controller(
         Counting(),
         asyncio.Event(),
         default_policy(),
         SnapshotCache(retire_after_s=0.3),
         Options(descriptor_set=descriptor_set_bytes()),
-        translator=lambda *_: next(configs, {CLUSTER: {"pod-a": cluster("pod-a")}}),
+        translator=lambda *_: next(configs, _clusters("pod-a")),
     )
     await controller.publish()
     await controller.publish()  # pod-b dropped: it stays, its routes move first
@@ -118,7 +128,7 @@ async def test_a_dropped_cluster_leaves_cds_when_its_time_is_up_without_a_change
 async def test_a_slow_build_leaves_the_event_loop_free_for_ads_and_the_watch() -> None:
     def slow(*_: object) -> dict[str, dict[str, Message]]:
         time.sleep(1.0)  # a cold translation at 100,000s of models, holding its thread
-        return {CLUSTER: {"pod-a": cluster("pod-a")}}
+        return _clusters("pod-a")
 
     controller = Controller(
         Counting(),
@@ -159,3 +169,41 @@ async def test_an_isolated_change_goes_out_at_once_and_a_burst_in_a_few_pushes()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_config_with_a_dangling_reference_is_refused_and_the_last_good_one_serves() -> None:
+    good = _clusters("pod-a")
+    bad = _clusters("pod-a")
+    bad[ROUTE] = {
+        "8008": route_pb2.RouteConfiguration(
+            name="8008",
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(
+                    name="v",
+                    domains=["*"],
+                    routes=[
+                        route_components_pb2.Route(
+                            match=route_components_pb2.RouteMatch(prefix="/"),
+                            route=route_components_pb2.RouteAction(cluster="pod-gone"),
+                        )
+                    ],
+                )
+            ],
+        )
+    }
+    configs = iter([good, bad])
+    controller = Controller(
+        Counting(),
+        asyncio.Event(),
+        default_policy(),
+        SnapshotCache(),
+        Options(descriptor_set=descriptor_set_bytes()),
+        translator=lambda *_: next(configs),
+    )
+    await controller.publish()
+    version = controller.cache.get(CLUSTER).version
+    refused = REGISTRY.get_sample_value("modelxds_snapshots_refused_total") or 0.0
+    await controller.publish()
+    assert not controller.cache.get(ROUTE).resources  # the route to pod-gone never went out
+    assert controller.cache.get(CLUSTER).version == version
+    assert REGISTRY.get_sample_value("modelxds_snapshots_refused_total") == refused + 1
