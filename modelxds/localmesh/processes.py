@@ -37,10 +37,21 @@ def binary(name: str) -> str:
     return found
 
 
+# Ports this process handed out: a port is free when picked and taken only later, by
+# the process it was picked for, so the OS may offer it again meanwhile; two parts of
+# one stack given the same port would fail to bind ("Address already in use").
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and not one this process handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
