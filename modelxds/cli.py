@@ -18,9 +18,9 @@ from modelxds.modelmesh import DEFAULT_ROOT_PREFIX, DEFAULT_SERVICE_NAME, Layout
 from modelxds.placement.etcd import EtcdConfigError, EtcdConnection
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
 from modelxds.policy.model import REST_PORT_ANNOTATION
+from modelxds.xds.ir import RestMode
 from modelxds.xds.resources import PUSH_ORDER, SHORT_NAMES
 from modelxds.xds.server import MAX_NAMES, MAX_STREAMS
-from modelxds.xds.translate import RestMode
 
 DEFAULT_NAMESPACE = "modelmesh-serving"
 DEFAULT_ETCD = "http://127.0.0.1:2379"

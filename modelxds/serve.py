@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from prometheus_client import start_http_server
@@ -20,20 +20,21 @@ from modelxds.policy import PolicyError, default_policy, load_policy
 from modelxds.xds import csds
 from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
-from modelxds.xds.controller import Controller, Translator
+from modelxds.xds.controller import Controller
+from modelxds.xds.ir import Options, RestMode, Strategy
+from modelxds.xds.scale import ScaleStrategy
 from modelxds.xds.server import AdsServer
-from modelxds.xds.translate import Options, RestMode, translate
+from modelxds.xds.subset import SubsetStrategy
 
 log = logging.getLogger(__name__)
 
 
-def strategy(name: str) -> Translator:
-    """The translator for ``--strategy``."""
-    if name == "scale":
-        from modelxds.xds.scale import ScaleStrategy
+STRATEGIES: dict[str, Callable[[], Strategy]] = {"subset": SubsetStrategy, "scale": ScaleStrategy}
 
-        return ScaleStrategy()
-    return translate
+
+def strategy(name: str) -> Strategy:
+    """A fresh translator for ``--strategy``."""
+    return STRATEGIES[name]()
 
 
 async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:

@@ -23,8 +23,9 @@ from modelxds.placement.index import Changes, MeshIndex
 from modelxds.placement.model import Placement
 from modelxds.policy import Policy, default_policy
 from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.ir import Options, Strategy
 from modelxds.xds.resources import ENDPOINT
-from modelxds.xds.translate import Options, translate
+from modelxds.xds.subset import SubsetStrategy
 
 NOW = 1_800_000_000_000
 
@@ -77,10 +78,12 @@ def run(models: int, pods: int, copies: int, rounds: int) -> dict[str, Any]:
     eds_bytes = 0
     for r in range(rounds):
         # Cold: what a start or an etcd re-list costs, every model derived from scratch.
+        # A fresh index, translator and cache: nothing is left from the round before.
         index, changes, cache = MeshIndex("modelmesh-serving"), Changes(), SnapshotCache()
+        translate = SubsetStrategy()
         changes.all(t["registry"], t["vmodels"])
         gc.collect()
-        _timed(cold, index, changes, t, policy, options, cache, NOW + r)
+        _timed(cold, index, changes, translate, t, policy, options, cache, NOW + r)
         eds_bytes = sum(len(b) for b in cache.get(ENDPOINT).resources.values())
         # Push: one model moves to another pod, as ModelMesh does all day.
         model_id = rnd.choice(list(t["registry"]))
@@ -90,7 +93,7 @@ def run(models: int, pods: int, copies: int, rounds: int) -> dict[str, Any]:
         )
         changes.models.add(model_id)
         gc.collect()
-        _timed(push, index, changes, t, policy, options, cache, NOW + r)
+        _timed(push, index, changes, translate, t, policy, options, cache, NOW + r)
     return {
         "models": models,
         "pods": pods,
@@ -108,6 +111,7 @@ def _timed(
     out: dict[str, list[float]],
     index: MeshIndex,
     changes: Changes,
+    translate: Strategy,
     t: dict[str, Any],
     policy: Policy,
     options: Options,

@@ -42,6 +42,7 @@ from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.serve import strategy
 from modelxds.xds.bootstrap import bootstrap
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
+from modelxds.xds.ir import Options, RestMode
 from modelxds.xds.resources import (
     CLUSTER,
     ENDPOINT,
@@ -53,7 +54,6 @@ from modelxds.xds.resources import (
     Resources,
 )
 from modelxds.xds.server import AdsServer
-from modelxds.xds.translate import Options, RestMode
 
 
 class World:

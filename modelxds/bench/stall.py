@@ -28,8 +28,8 @@ from modelxds.placement.model import Placement
 from modelxds.policy import default_policy
 from modelxds.serve import strategy
 from modelxds.xds.controller import Controller
+from modelxds.xds.ir import Options
 from modelxds.xds.resources import CLUSTER
-from modelxds.xds.translate import Options
 
 
 async def cold_push(models: int, pods: int, strategy_name: str) -> dict[str, Any]:

@@ -9,8 +9,8 @@ between pushes and recomputing only dirty models, vmodels and instances:
 * the clock dirties a model when one of its loading copies becomes loaded;
 * a model whose routable pods change dirties the vmodels whose active model it is.
 
-Only the route buckets (``MeshPlacement.routes``) holding a dirty name are copied
-into the next snapshot; the others are handed on as the same objects.
+Each snapshot lists the names whose route changed since the one before
+(``MeshPlacement.changes``), so a consumer can do the same.
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ from types import MappingProxyType
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
 from modelxds.placement.model import (
     DEFAULT_LOADED_AFTER_MS,
-    ROUTE_BUCKETS,
     Copies,
     Instance,
     MeshPlacement,
+    RouteChanges,
     VModel,
     classify,
-    empty_routes,
     live_instances,
-    route_bucket,
     vmodel_of,
 )
 
@@ -54,17 +52,11 @@ class Changes:
 class MeshIndex:
     """Derived placement of one deployment, kept current from record changes."""
 
-    def __init__(
-        self,
-        namespace: str,
-        loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
-        buckets: int = ROUTE_BUCKETS,
-    ) -> None:
+    def __init__(self, namespace: str, loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS) -> None:
         self.namespace = namespace
         self.loaded_after_ms = loaded_after_ms
-        self.buckets = buckets
-        self._routes: list[dict[str, tuple[str, ...]]] = [{} for _ in range(buckets)]
-        self._route_views: list[Mapping[str, tuple[str, ...]]] = list(empty_routes(buckets))
+        self._routes: dict[str, tuple[str, ...]] = {}
+        self._routes_id: object | None = None  # of the last snapshot
         self._live: dict[str, Instance] = {}
         self._copies: dict[str, Copies] = {}
         self._vmodels: dict[str, VModel] = {}
@@ -98,36 +90,34 @@ class MeshIndex:
         for iid in dirty_pods:
             if iid in self._name_sets:
                 self._names[iid] = tuple(sorted(self._name_sets[iid]))
-        dirty_buckets = {self._set_route(name) for name in changes.models | changes.vmodels}
-        for b in dirty_buckets:
-            if b is not None:
-                self._route_views[b] = MappingProxyType(dict(self._routes[b]))
+        moved = frozenset(n for n in changes.models | changes.vmodels if self._set_route(n))
         changes.models.clear()
         changes.vmodels.clear()
         changes.pods = False
-        return MeshPlacement(
+        mesh = MeshPlacement(
             namespace=self.namespace,
             instances=MappingProxyType(dict(self._live)),
             models=MappingProxyType(dict(self._copies)),
             vmodels=MappingProxyType(dict(self._vmodels)),
             next_transition_ms=self._due[0][0] if self._due else None,
             names=MappingProxyType(dict(self._names)),
-            routes=tuple(self._route_views),
+            routes=MappingProxyType(dict(self._routes)),
+            changes=None if self._routes_id is None else RouteChanges(self._routes_id, moved),
         )
+        self._routes_id = mesh.routes_id
+        return mesh
 
-    def _set_route(self, name: str) -> int | None:
-        """Bring ``name``'s route up to date; returns its bucket if that changed."""
+    def _set_route(self, name: str) -> bool:
+        """Bring ``name``'s route up to date; whether it changed."""
         copies = self._copies.get(name)
         pods = copies.routable if copies is not None else self._vroutable.get(name, ())
-        b = route_bucket(name, self.buckets)
-        bucket = self._routes[b]
-        if bucket.get(name, ()) == pods:
-            return None
+        if self._routes.get(name, ()) == pods:
+            return False
         if pods:
-            bucket[name] = pods
+            self._routes[name] = pods
         else:
-            del bucket[name]
-        return b
+            del self._routes[name]
+        return True
 
     def _refresh_pods(
         self,

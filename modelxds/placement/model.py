@@ -9,33 +9,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import MappingProxyType
 from typing import NamedTuple
 
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
 
 DEFAULT_LOADED_AFTER_MS = 3000
-# ``MeshPlacement.routes`` comes in this many buckets of names, by ``route_bucket``.
-ROUTE_BUCKETS = 256
-# route_bucket's hash: h = (31 h + byte) mod 65521 over the name's UTF-8 bytes. Integers
-# this small are exact in Lua's doubles: a gateway's Lua filter computes the same
-# (modelxds/xds/scale.py), so a request finds its name's bucket without a lookup.
-BUCKET_HASH_MODULUS = 65521
-
-Routes = tuple[Mapping[str, tuple[str, ...]], ...]
-
-
-@lru_cache(maxsize=1 << 18)
-def route_bucket(name: str, buckets: int) -> int:
-    h = 0
-    for byte in name.encode():
-        h = (h * 31 + byte) % BUCKET_HASH_MODULUS
-    return h % buckets
-
-
-def empty_routes(buckets: int = ROUTE_BUCKETS) -> Routes:
-    return tuple(MappingProxyType({}) for _ in range(buckets))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +70,15 @@ class VModel:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteChanges:
+    """The names whose ``routes`` entry differs (added, changed or gone) from the
+    snapshot whose ``routes_id`` is ``since``."""
+
+    since: object
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
 class MeshPlacement:
     """Placement in one ModelMesh deployment (one namespace)."""
 
@@ -102,10 +90,12 @@ class MeshPlacement:
     next_transition_ms: int | None = None
     # instance id -> every model id and vmodel id routable to it, sorted
     names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # routable(name) of every name that has pods, in buckets (route_bucket): a bucket
-    # nothing in changed is the very same object in the next snapshot, so a consumer
-    # redoes only the buckets a change touched
-    routes: Routes = field(default_factory=empty_routes)
+    # routable(name) of every model id and vmodel id that has pods
+    routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # This snapshot's ``routes``, for ``RouteChanges.since`` of the next one: a consumer
+    # that derives state from 100,000s of routes updates it by the names that changed.
+    routes_id: object = field(default_factory=object, compare=False)
+    changes: RouteChanges | None = field(default=None, compare=False)
 
     def routable(self, name: str) -> tuple[str, ...]:
         """Instances to send a request for ``name`` (model id, else vmodel id) to."""
@@ -173,7 +163,6 @@ def build_mesh(
     litelinks: Mapping[str, LitelinksRecord],
     now_ms: int,
     loaded_after_ms: int = DEFAULT_LOADED_AFTER_MS,
-    buckets: int = ROUTE_BUCKETS,
 ) -> MeshPlacement:
     """Placement of one deployment at time ``now_ms``."""
     live = live_instances(instances, litelinks)
@@ -187,10 +176,7 @@ def build_mesh(
             next_transition = due if next_transition is None else min(next_transition, due)
         for iid in copies.routable:
             names[iid].append(model_id)
-    routes: list[dict[str, tuple[str, ...]]] = [{} for _ in range(buckets)]
-    for model_id, copies in models.items():
-        if copies.routable:
-            routes[route_bucket(model_id, buckets)][model_id] = copies.routable
+    routes = {model_id: c.routable for model_id, c in models.items() if c.routable}
     vms = {}
     for vid, vrec in vmodels.items():
         vm = vmodel_of(vrec)
@@ -202,7 +188,7 @@ def build_mesh(
             for iid in active.routable:
                 names[iid].append(vid)
             if active.routable and vid not in models:  # a model id wins over a vmodel id
-                routes[route_bucket(vid, buckets)][vid] = active.routable
+                routes[vid] = active.routable
     return MeshPlacement(
         namespace=namespace,
         instances=MappingProxyType(live),
@@ -210,7 +196,7 @@ def build_mesh(
         vmodels=MappingProxyType(vms),
         next_transition_ms=next_transition,
         names=MappingProxyType({iid: tuple(sorted(n)) for iid, n in names.items()}),
-        routes=tuple(map(MappingProxyType, routes)),
+        routes=MappingProxyType(routes),
     )
 
 

@@ -22,11 +22,9 @@ from modelxds import metrics
 from modelxds.placement.model import Placement
 from modelxds.policy import Policy
 from modelxds.xds.cache import SnapshotCache
+from modelxds.xds.ir import Options, Strategy
 from modelxds.xds.references import ReferenceCheck
-from modelxds.xds.resources import Resources
-from modelxds.xds.translate import Options, translate
 
-Translator = Callable[[Placement, Policy, Options], Resources]
 # Takes what changed, on the event loop; returns the build of the Placement, for a thread.
 Capture = Callable[[], Callable[[], Placement]]
 
@@ -44,7 +42,7 @@ class Controller:
         *,
         quiet: float = 0.1,
         max_delay: float = 1.0,
-        translator: Translator = translate,
+        translator: Strategy,
     ) -> None:
         self.translator = translator
         self._capture = capture

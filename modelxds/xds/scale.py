@@ -9,9 +9,10 @@ workers. This strategy keeps placement out of clusters and endpoints altogether:
   every pod's cluster then, see retries below); loads and unloads never do.
 * LDS: the subset strategy's ``header_to_metadata`` filter puts the request's model
   into ``envoy.lb/<model key>`` exactly as there. A short Lua filter copies it into
-  the ``x-modelxds-model`` header, writes the name's shard (a hash of it, or
-  ``none`` without a model) into ``x-modelxds-shard`` and makes Envoy route again.
-  Scoped routes pick the shard's route table by that header.
+  the ``x-modelxds-model`` header, writes the name's shard (``shard_of``, a hash of
+  it, or ``none`` without a model) into ``x-modelxds-shard`` and makes Envoy route
+  again. Scoped routes pick the shard's route table by that header.
+* SRDS: a scope per shard, keyed by the shard's name, naming the shard's table.
 * RDS: a table per shard. Its virtual host's matcher maps each model id and vmodel
   id of the shard (exact match on the model header, a hash map in Envoy) to a route
   whose ``weighted_clusters`` spread over the pods routable for it; anything else
@@ -35,10 +36,9 @@ it, since sending them anywhere would break the rule.
 
 from __future__ import annotations
 
-import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import lru_cache
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from operator import mul
+from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -52,51 +52,68 @@ from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
 )
 from envoy.type.matcher.v3 import http_inputs_pb2
-from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from modelxds.placement.model import BUCKET_HASH_MODULUS, MeshPlacement, Placement
+from modelxds.placement.model import MeshPlacement, Placement
 from modelxds.policy import FallbackPolicy, Policy
-from modelxds.xds.cache import encode_field
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
-from modelxds.xds.translate import (
+from modelxds.xds.builders import (
     GRPC_NOT_FOUND,
     GRPC_UNAVAILABLE,
     LB_NAMESPACE,
     LUA_IS_GRPC,
     NO_HOLDER_HEADER,
-    Destination,
-    Options,
-    _ads,
-    _header,
-    _http_filter,
-    _lua,
-    _ms,
+    NO_TIMEOUT,
+    ads,
     balanced_header,
     build_listener,
     cluster_name,
-    destinations,
     eds_cluster,
     error_body,
+    header_value,
     http2_upstream,
+    http_filter,
     listener_name,
-    model_keys,
-    model_miss_policy,
+    lua,
+    lua_string,
+    ms,
     no_model_route,
     rest_match,
     retry_policy,
+    virtual_host,
 )
+from modelxds.xds.cache import encode_field
+from modelxds.xds.ir import Destination, Options, destinations
+from modelxds.xds.memo import Memo, Reuse
+from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 
 # The request headers routes match on; whatever a client sent under these names is replaced.
 MODEL_HEADER = "x-modelxds-model"
 SHARD_HEADER = "x-modelxds-shard"
 NO_MODEL = "none"  # the shard of a request that names no model
-_LUA_SAFE = frozenset(string.ascii_letters + string.digits + "-_./")
+SHARDS = 256  # per listener and protocol
+# shard_of's hash: h = (31 h + byte) mod 65521 over the name's UTF-8 bytes. Integers this
+# small are exact in Lua's doubles, so the gateway's Lua filter computes the same.
+SHARD_HASH_MODULUS = 65521
+# 31^k mod 65521, highest power first: the hash above is sum(byte_i * 31^(n-1-i)) mod 65521
+_POWERS = [pow(31, k, SHARD_HASH_MODULUS) for k in reversed(range(1024))]
 
-M = TypeVar("M", bound=Message)
 Address = tuple[str, str]  # a pod's instance id and IP
+Shard = Mapping[str, tuple[str, ...]]  # model id or vmodel id -> the pods it routes to
+
+
+def shard_of(name: str, shards: int = SHARDS) -> int:
+    """The shard a model id or vmodel id routes in, as the gateway's Lua computes it."""
+    data = name.encode()
+    if len(data) <= len(_POWERS):
+        h: int = sum(map(mul, data, _POWERS[len(_POWERS) - len(data) :]))
+        return h % SHARD_HASH_MODULUS % shards
+    h = 0  # longer than any model id should be: the definition, byte by byte
+    for byte in data:
+        h = (h * 31 + byte) % SHARD_HASH_MODULUS
+    return h % shards
 
 
 class ScaleStrategy:
@@ -104,103 +121,160 @@ class ScaleStrategy:
     pod cluster whose inputs did not change comes back as the very same message, which
     the SnapshotCache then neither serializes nor sends again. One per ``serve``."""
 
-    def __init__(self) -> None:
-        self._reuse = _Reuse()
+    def __init__(self, shards: int = SHARDS) -> None:
+        self.shards = shards
+        self._reuse = Reuse()
+        self._sharding: dict[str, _Sharding] = {}  # by namespace
+        self._map_entry: Memo[tuple[str, tuple[str, ...], str, int, bool], bytes] = Memo(
+            lambda key: _map_entry(self._on_match, *key)
+        )
+        self._on_match: Memo[tuple[str, ...], bytes] = Memo(_on_match)
 
     def __call__(self, placement: Placement, policy: Policy, options: Options) -> Resources:
-        """Same contract as ``translate``: same input, same bytes."""
-        self._reuse.next_translation()
-        return _translate(placement, policy, options, self._reuse)
+        """Same contract as every strategy: same input, same bytes."""
+        for memo in (self._reuse, self._map_entry, self._on_match):
+            memo.next_translation()
+        clusters: dict[str, Message] = {}
+        endpoints: dict[str, Message] = {}
+        listeners: dict[str, Message] = {}
+        scopes: dict[str, Message] = {}
+        routes: dict[str, Message] = {}
+        sharding = {}
+        for d in destinations(placement, policy, options):
+            ns = d.namespace
+            if ns not in sharding:
+                sharding[ns] = self._sharding.get(ns) or _Sharding(self.shards)
+                sharding[ns].update(d.mesh)
+            shards = sharding[ns].shards
+            for listen_port in d.listen_ports:
+                listeners[listener_name(options, listen_port)] = build_listener(
+                    listen_port,
+                    scoped_routes(listen_port),
+                    d,
+                    options,
+                    [
+                        http_filter(
+                            "envoy.filters.http.lua",
+                            route_by_model(
+                                d.keys, listen_port, self.shards, d.rest_port is not None
+                            ),
+                        )
+                    ],
+                    grpc_not_found=d.model_miss is FallbackPolicy.NO_FALLBACK,
+                )
+                if d.rest_port is None:  # REST outside the V2 API, which nothing transcodes
+                    name = f"{shard_prefix(listen_port, rest=True)}{NO_MODEL}"
+                    scopes[name] = build_scope(name)
+                    routes[name] = self._table(name, _refusal_vhost(d), {}, "", 0, True)
+            # gRPC to the pods' gRPC port; REST, unless transcoded, to their REST proxy
+            protocols = [(d.port, False)]
+            if d.rest_port is not None:
+                protocols.append((d.rest_port, True))
+            for port, rest in protocols:
+                service = cluster_name(d.fqdn, port, rest=rest)
+                clusters[service] = eds_cluster(service, options, http2=not rest)
+                endpoints[service] = build_service_endpoints(service, d.mesh, port)
+                pods = {
+                    iid: pod_cluster_name(d.fqdn, port, iid, rest=rest)
+                    for iid in sorted(d.mesh.instances)
+                }
+                clusters.update(self._pod_clusters(d, pods, port, options, http2=not rest))
+                model_vhost = _virtual_host(d, d.model_miss, service, pods, rest=rest)
+                no_model_vhost = _virtual_host(
+                    d, d.rule.fallback_policy, service, pods, rest=rest, no_model=True
+                )
+                for listen_port in d.listen_ports:
+                    names = shard_names(shard_prefix(listen_port, rest=rest), self.shards)
+                    for name in names:
+                        scopes[name] = build_scope(name)
+                    for name, shard in zip(names[:-1], shards, strict=True):
+                        routes[name] = self._reuse.get(
+                            name, self._table, name, model_vhost, shard, d.fqdn, port, rest
+                        )
+                    routes[names[-1]] = self._table(names[-1], no_model_vhost, {}, "", 0, rest)
+        self._sharding = sharding
+        return {
+            CLUSTER: clusters,
+            ENDPOINT: endpoints,
+            LISTENER: listeners,
+            SCOPED_ROUTE: scopes,
+            ROUTE: routes,
+        }
+
+    def _pod_clusters(
+        self, d: Destination, pods: Mapping[str, str], port: int, options: Options, *, http2: bool
+    ) -> dict[str, cluster_pb2.Cluster]:
+        """Cluster name -> the pod's cluster on ``port``, for ``pods`` (instance id ->
+        cluster name)."""
+        failover = d.model_miss is FallbackPolicy.ANY_ENDPOINT
+        # all a pod cluster uses of the pods: their load statistics change nothing
+        addresses = tuple((iid, d.mesh.instances[iid].host) for iid in pods)
+        return {
+            name: self._reuse.get(
+                name, build_pod_cluster, name, iid, addresses, failover, port, http2, options
+            )
+            for iid, name in pods.items()
+        }
+
+    def _table(
+        self, name: str, vhost: bytes, shard: Shard, fqdn: str, port: int, rest: bool
+    ) -> route_pb2.RouteConfiguration:
+        """A shard's route table: the virtual host (``_virtual_host``) with a route for
+        each name in ``shard`` in its matcher."""
+        config = route_pb2.RouteConfiguration(name=name)
+        # built in place: a nested message passed to a constructor is copied
+        host = config.virtual_hosts.add()
+        host.MergeFromString(vhost)
+        if shard:  # an empty map is invalid; without a tree every request takes on_no_match
+            tree = host.matcher.matcher_tree
+            tree.input.CopyFrom(_model_input())
+            # joining cached entries and parsing them once beats filling the map entry by
+            # entry; sorted, so the bytes do not depend on the order names came in
+            entry = self._map_entry
+            tree.exact_match_map.MergeFromString(
+                b"".join([entry((n, shard[n], fqdn, port, rest)) for n in sorted(shard)])
+            )
+        return config
 
 
 def translate_scale(placement: Placement, policy: Policy, options: Options) -> Resources:
-    """One translation with nothing to reuse: a pure function, same input, same bytes."""
+    """One translation with nothing kept: a pure function, same input, same bytes."""
     return ScaleStrategy()(placement, policy, options)
 
 
-def _translate(placement: Placement, policy: Policy, options: Options, reuse: _Reuse) -> Resources:
-    clusters: dict[str, Message] = {}
-    endpoints: dict[str, Message] = {}
-    listeners: dict[str, Message] = {}
-    scopes: dict[str, Message] = {}
-    routes: dict[str, Message] = {}
-    for d in destinations(placement, policy, options):
-        buckets = len(d.mesh.routes)
-        miss = model_miss_policy(d)
-        for listen_port in d.http.ports:
-            lua = route_by_model(
-                model_keys(d.http), listen_port, buckets, rest_proxy=d.rest_port is not None
-            )
-            listeners[listener_name(options, listen_port)] = build_listener(
-                listen_port,
-                scoped_routes(listen_port),
-                d.http,
-                options,
-                [_http_filter("envoy.filters.http.lua", lua)],
-                grpc_not_found=miss is FallbackPolicy.NO_FALLBACK,
-            )
-            if d.rest_port is None:  # REST outside the V2 API, which nothing transcodes
-                name = f"{shard_prefix(listen_port, rest=True)}{NO_MODEL}"
-                scopes[name] = build_scope(name)
-                routes[name] = build_shard_table(name, _refusal_vhost(d), {}, "", 0, True)
-        # gRPC to the pods' gRPC port; REST, unless transcoded, to their REST proxy
-        protocols = [(d.port, False)] + ([(d.rest_port, True)] if d.rest_port is not None else [])
-        for port, rest in protocols:
-            service = cluster_name(d.fqdn, port, rest=rest)
-            clusters[service] = build_service_cluster(service, options, http2=not rest)
-            endpoints[service] = build_service_endpoints(service, d.mesh, port)
-            pods = {
-                iid: pod_cluster_name(d.fqdn, port, iid, rest=rest)
-                for iid in sorted(d.mesh.instances)
-            }
-            clusters.update(pod_clusters(d, pods, port, options, reuse, http2=not rest))
-            model_vhost = _virtual_host(d, miss, service, pods, rest=rest)
-            no_model_vhost = _virtual_host(
-                d, d.rule.fallback_policy, service, pods, rest=rest, no_model=True
-            )
-            for listen_port in d.http.ports:
-                shards = shard_names(shard_prefix(listen_port, rest=rest), buckets)
-                for name in shards:
-                    scopes[name] = build_scope(name)
-                for name, bucket in zip(shards[:-1], d.mesh.routes, strict=True):
-                    routes[name] = reuse.get(
-                        name, build_shard_table, name, model_vhost, bucket, d.fqdn, port, rest
-                    )
-                routes[shards[-1]] = build_shard_table(shards[-1], no_model_vhost, {}, "", 0, rest)
-    return {
-        CLUSTER: clusters,
-        ENDPOINT: endpoints,
-        LISTENER: listeners,
-        SCOPED_ROUTE: scopes,
-        ROUTE: routes,
-    }
+class _Sharding:
+    """One mesh's routes split into shards by ``shard_of``, kept current from the
+    placement's ``RouteChanges``: a shard no change touched stays the very same mapping,
+    so its route table is reused, and a push costs what changed, not every name."""
 
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.shards: list[Shard] = [MappingProxyType({})] * count
+        self._routes_id: object | None = None
 
-class _Reuse:
-    """Messages the previous translation built, by resource name, with the arguments
-    they were built from: the same arguments again give the same message. A bucket that
-    did not change is the very object it was (the placement index hands it on), so the
-    comparison is by identity first and by value only for what changed."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, tuple[tuple[Any, ...], Message]] = {}
-        self._now: dict[str, tuple[tuple[Any, ...], Message]] = {}
-
-    def next_translation(self) -> None:
-        self._last, self._now = self._now, {}
-
-    def get(self, name: str, build: Callable[..., M], *args: Any) -> M:
-        built = self._now.get(name) or self._last.get(name)
-        if built is None or not _same(built[0], args):
-            built = (args, build(*args))
-        self._now[name] = built
-        return built[1]  # type: ignore[return-value]
-
-
-def _same(before: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
-    return len(before) == len(now) and all(
-        a is b or a == b for a, b in zip(before, now, strict=True)
-    )
+    def update(self, mesh: MeshPlacement) -> None:
+        if mesh.routes_id is self._routes_id:
+            return
+        changes = mesh.changes
+        if changes is not None and changes.since is self._routes_id:
+            touched: dict[int, dict[str, tuple[str, ...]]] = {}
+            for name in changes.names:
+                s = shard_of(name, self.count)
+                if s not in touched:
+                    touched[s] = dict(self.shards[s])
+                pods = mesh.routes.get(name)
+                if pods:
+                    touched[s][name] = pods
+                else:
+                    touched[s].pop(name, None)
+            for s, shard in touched.items():
+                self.shards[s] = MappingProxyType(shard)
+        else:  # the first snapshot, or one after a re-list: start over
+            fresh: list[dict[str, tuple[str, ...]]] = [{} for _ in range(self.count)]
+            for name, pods in mesh.routes.items():
+                fresh[shard_of(name, self.count)][name] = pods
+            self.shards = [MappingProxyType(s) for s in fresh]
+        self._routes_id = mesh.routes_id
 
 
 def shard_prefix(listen_port: int, *, rest: bool) -> str:
@@ -210,10 +284,10 @@ def shard_prefix(listen_port: int, *, rest: bool) -> str:
     return f"{listen_port}/rest/" if rest else f"{listen_port}/"
 
 
-def shard_names(prefix: str, buckets: int) -> list[str]:
-    """``<prefix><bucket>`` for each route bucket, then ``<prefix>none``: the scope keys
-    and route table names of one listener and protocol."""
-    return [f"{prefix}{key}" for key in [*map(str, range(buckets)), NO_MODEL]]
+def shard_names(prefix: str, shards: int) -> list[str]:
+    """``<prefix><shard>`` for each shard, then ``<prefix>none``: the scope keys and route
+    table names of one listener and protocol."""
+    return [f"{prefix}{key}" for key in [*map(str, range(shards)), NO_MODEL]]
 
 
 def pod_cluster_name(fqdn: str, port: int, instance_id: str, *, rest: bool = False) -> str:
@@ -222,28 +296,6 @@ def pod_cluster_name(fqdn: str, port: int, instance_id: str, *, rest: bool = Fal
     InferenceService (40,000 at 20,000 models); an Istio-style ``outbound|port|subset|fqdn``
     would double the RDS."""
     return f"{instance_id}.{fqdn.split('.')[1]}:{port}{'/rest' if rest else ''}"
-
-
-def pod_clusters(
-    d: Destination,
-    pods: Mapping[str, str],
-    port: int,
-    options: Options,
-    reuse: _Reuse,
-    *,
-    http2: bool,
-) -> dict[str, cluster_pb2.Cluster]:
-    """Cluster name -> the pod's cluster on ``port``, for ``pods`` (instance id -> cluster
-    name)."""
-    failover = model_miss_policy(d) is FallbackPolicy.ANY_ENDPOINT
-    # all a pod cluster uses of the pods: their load statistics change nothing
-    addresses = tuple((iid, d.mesh.instances[iid].host) for iid in pods)
-    return {
-        name: reuse.get(
-            name, build_pod_cluster, name, iid, addresses, failover, port, http2, options
-        )
-        for iid, name in pods.items()
-    }
 
 
 def build_pod_cluster(
@@ -269,22 +321,17 @@ def build_pod_cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         load_assignment=cla,
-        connect_timeout=_ms(options.connect_timeout_ms),
+        connect_timeout=ms(options.connect_timeout_ms),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,  # among the others
         typed_extension_protocol_options=http2_upstream() if http2 else {},
     )
 
 
-def build_service_cluster(name: str, options: Options, *, http2: bool) -> cluster_pb2.Cluster:
-    """Every pod, for requests whose model no pod can be chosen for. EDS: a pod joining
-    or leaving updates hosts in place instead of replacing the cluster (and draining
-    its connections)."""
-    return eds_cluster(name, options, http2=http2)
-
-
 def build_service_endpoints(
     name: str, mesh: MeshPlacement, port: int
 ) -> endpoint_pb2.ClusterLoadAssignment:
+    """Every pod, for requests whose model no pod can be chosen for (EDS: a pod joining
+    or leaving updates hosts in place instead of replacing the cluster)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     pods = [(i, mesh.instances[i].host) for i in sorted(mesh.instances)]
     _add_endpoints(cla.endpoints.add(), pods, port)
@@ -301,13 +348,12 @@ def _add_endpoints(
         ep.endpoint.address.socket_address.port_value = port
 
 
-@lru_cache(maxsize=64)
 def route_by_model(
-    keys: tuple[str, ...], listen_port: int, buckets: int, *, rest_proxy: bool
+    keys: tuple[str, ...], listen_port: int, shards: int, rest_proxy: bool
 ) -> lua_pb2.Lua:
     """The Lua filter: the model named in ``envoy.lb`` (set by header_to_metadata, the
     first of ``keys`` present) -> the model header and the shard header (the listener's
-    shard prefix + the model's route bucket), then route again.
+    shard prefix + ``shard_of`` the model), then route again.
 
     REST takes the REST tables with ``rest_proxy`` (else the gRPC ones: the transcoder
     makes it gRPC); REST outside the V2 API takes the REST table of requests without a
@@ -319,7 +365,7 @@ def route_by_model(
     grpc_prefix = shard_prefix(listen_port, rest=False)
     rest_prefix = shard_prefix(listen_port, rest=True)
     script = f"""\
-local KEYS = {{{", ".join(map(_lua_string, keys))}}}
+local KEYS = {{{", ".join(map(lua_string, keys))}}}
 function envoy_on_request(request)
   local lb = request:streamInfo():dynamicMetadata():get("{LB_NAMESPACE}") or {{}}
   local model
@@ -331,14 +377,14 @@ function envoy_on_request(request)
     end
   end
   local headers = request:headers()
-  local prefix = {_lua_string(grpc_prefix)}
+  local prefix = {lua_string(grpc_prefix)}
   if not ({LUA_IS_GRPC}) then
     local path = (headers:get(":path") or ""):match("^[^?]*")
     if path ~= "/v2" and path:sub(1, 4) ~= "/v2/" then
       model = nil
-      prefix = {_lua_string(rest_prefix)}
+      prefix = {lua_string(rest_prefix)}
     else
-      prefix = {_lua_string(rest_prefix if rest_proxy else grpc_prefix)}
+      prefix = {lua_string(rest_prefix if rest_proxy else grpc_prefix)}
     end
   end
   local shard = "{NO_MODEL}"
@@ -347,22 +393,16 @@ function envoy_on_request(request)
   else
     local h = 0
     for i = 1, #model do
-      h = (h * 31 + model:byte(i)) % {BUCKET_HASH_MODULUS}
+      h = (h * 31 + model:byte(i)) % {SHARD_HASH_MODULUS}
     end
-    shard = tostring(h % {buckets})
+    shard = tostring(h % {shards})
     headers:replace("{MODEL_HEADER}", model)
   end
   headers:replace("{SHARD_HEADER}", prefix .. shard)
   request:clearRouteCache()
 end
 """
-    return _lua(script)
-
-
-def _lua_string(text: str) -> str:
-    """A Lua string literal; anything but letters, digits and ``-_./`` as a ``\\ddd`` byte."""
-    body = "".join(chr(b) if chr(b) in _LUA_SAFE else f"\\{b:03d}" for b in text.encode())
-    return f'"{body}"'
+    return lua(script)
 
 
 def scoped_routes(listen_port: int) -> hcm_pb2.ScopedRoutes:
@@ -375,8 +415,8 @@ def scoped_routes(listen_port: int) -> hcm_pb2.ScopedRoutes:
         scope_key_builder=Builder(
             fragments=[Builder.FragmentBuilder(header_value_extractor=extractor)]
         ),
-        rds_config_source=_ads(),
-        scoped_rds=hcm_pb2.ScopedRds(scoped_rds_config_source=_ads()),
+        rds_config_source=ads(),
+        scoped_rds=hcm_pb2.ScopedRds(scoped_rds_config_source=ads()),
     )
 
 
@@ -386,30 +426,6 @@ def build_scope(name: str) -> scoped_route_pb2.ScopedRouteConfiguration:
     return scoped_route_pb2.ScopedRouteConfiguration(
         name=name, route_configuration_name=name, key=Key(fragments=[Key.Fragment(string_key=name)])
     )
-
-
-def build_shard_table(
-    name: str,
-    vhost: bytes,
-    bucket: Mapping[str, tuple[str, ...]],
-    fqdn: str,
-    port: int,
-    rest: bool,
-) -> route_pb2.RouteConfiguration:
-    """A shard's route table: the virtual host (``_virtual_host``) with a route for each
-    name in ``bucket`` (name -> pods) in its matcher."""
-    config = route_pb2.RouteConfiguration(name=name)
-    # built in place: a nested message passed to a constructor is copied
-    host = config.virtual_hosts.add()
-    host.MergeFromString(vhost)
-    if bucket:  # an empty map is invalid; without a tree every request takes on_no_match
-        tree = host.matcher.matcher_tree
-        tree.input.CopyFrom(_model_input())
-        # joining cached entries and parsing them once beats filling the map entry by entry
-        tree.exact_match_map.MergeFromString(
-            b"".join([_map_entry(n, pods, fqdn, port, rest) for n, pods in bucket.items()])
-        )
-    return config
 
 
 def _virtual_host(
@@ -425,9 +441,8 @@ def _virtual_host(
     shard shares, with ``fallback`` for a request its names do not match. The table of
     REST requests without a model sends the V2 API to ``fallback`` and answers anything
     else 400, as the subset strategy's routes do."""
-    vhost = route_components_pb2.VirtualHost(
-        name=f"{d.vs.namespace}/{d.vs.name}",
-        domains=list(d.vs.hosts) or ["*"],
+    vhost = virtual_host(
+        d,
         # once here rather than in each of 10,000s of routes
         retry_policy=failover_retry_policy(),
         request_headers_to_add=[balanced_header(rest=rest)],
@@ -435,7 +450,7 @@ def _virtual_host(
     route = _fallback_route(fallback, d, service, pods, model_miss=not no_model)
     if rest and no_model:
         route.match.CopyFrom(rest_match())
-        vhost.routes.extend([route, no_model_route(d.http)])
+        vhost.routes.extend([route, no_model_route(d)])
     else:
         vhost.matcher.on_no_match.CopyFrom(_route_on_match(route))
     serialized: bytes = vhost.SerializeToString(deterministic=True)
@@ -445,12 +460,9 @@ def _virtual_host(
 def _refusal_vhost(d: Destination) -> bytes:
     """The REST table of requests without a model under ``--rest transcode``: only REST
     outside the V2 API comes here (the V2 API is transcoded to gRPC), and it is refused."""
-    vhost = route_components_pb2.VirtualHost(
-        name=f"{d.vs.namespace}/{d.vs.name}",
-        domains=list(d.vs.hosts) or ["*"],
-        routes=[no_model_route(d.http)],
+    serialized: bytes = virtual_host(d, routes=[no_model_route(d)]).SerializeToString(
+        deterministic=True
     )
-    serialized: bytes = vhost.SerializeToString(deterministic=True)
     return serialized
 
 
@@ -465,27 +477,30 @@ def failover_retry_policy() -> route_components_pb2.RetryPolicy:
     return policy
 
 
-@lru_cache(maxsize=1 << 18)
-def _map_entry(name: str, holders: tuple[str, ...], fqdn: str, port: int, rest: bool) -> bytes:
-    """``MatchMap.map`` (field 1) entry: key (field 1), value. Cached whole: most names
+def _map_entry(
+    on_match: Memo[tuple[str, ...], bytes],
+    name: str,
+    holders: tuple[str, ...],
+    fqdn: str,
+    port: int,
+    rest: bool,
+) -> bytes:
+    """``MatchMap.map`` (field 1) entry: key (field 1), value. Kept whole: most names
     keep their pods from one push to the next."""
     clusters = tuple(pod_cluster_name(fqdn, port, i, rest=rest) for i in holders)
-    return encode_field(1, encode_field(1, name.encode()) + _on_match(clusters))
+    return encode_field(1, encode_field(1, name.encode()) + on_match(clusters))
 
 
-@lru_cache(maxsize=1 << 16)
 def _on_match(clusters: tuple[str, ...]) -> bytes:
     """``MatchMap.map`` entry value (field 2): an ``OnMatch`` routing to ``clusters``.
-    Cached: a push changes few pod sets, and an InferenceService shares its model's."""
-    on_match = _route_action(_spread(clusters)).SerializeToString(deterministic=True)
-    return encode_field(2, on_match)
+    Kept: a push changes few pod sets, and an InferenceService shares its model's."""
+    on_match = _route_on_match(_any_path_route(_spread(clusters)))
+    return encode_field(2, on_match.SerializeToString(deterministic=True))
 
 
 def _spread(clusters: tuple[str, ...]) -> route_components_pb2.RouteAction:
-    # model loads can take minutes; ModelMesh holds the request meanwhile
-    no_timeout = duration_pb2.Duration(seconds=0)
     if len(clusters) == 1:  # most models have one copy; Envoy builds this route faster
-        return route_components_pb2.RouteAction(cluster=clusters[0], timeout=no_timeout)
+        return route_components_pb2.RouteAction(cluster=clusters[0], timeout=NO_TIMEOUT)
     # Equal weights: every holder has the model loaded, so any of them serves it at once;
     # weighting by free capacity would change every route on every load elsewhere.
     WeightedCluster = route_components_pb2.WeightedCluster
@@ -496,12 +511,8 @@ def _spread(clusters: tuple[str, ...]) -> route_components_pb2.RouteAction:
                 for c in clusters
             ]
         ),
-        timeout=no_timeout,
+        timeout=NO_TIMEOUT,
     )
-
-
-def _route_action(action: route_components_pb2.RouteAction) -> matcher_pb2.Matcher.OnMatch:
-    return _route_on_match(_any_path_route(action))
 
 
 def _route_on_match(route: route_components_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
@@ -525,12 +536,10 @@ def _fallback_route(
 ) -> route_components_pb2.Route:
     if policy is FallbackPolicy.ANY_ENDPOINT:
         return _any_path_route(
-            route_components_pb2.RouteAction(
-                cluster=service, timeout=duration_pb2.Duration(seconds=0)
-            )
+            route_components_pb2.RouteAction(cluster=service, timeout=NO_TIMEOUT)
         )
     if policy is FallbackPolicy.DEFAULT_SUBSET:
-        holders = default_subset_pods(d)
+        holders = d.default_subset_pods()
         if holders:
             return _any_path_route(_spread(tuple(pods[i] for i in holders)))
     # As the subset strategy answers: NO_FALLBACK with pods up is a model no pod holds
@@ -544,7 +553,7 @@ def _fallback_route(
                 GRPC_NOT_FOUND,
             ),
         )
-        headers = [_header(NO_HOLDER_HEADER, "true")]
+        headers = [header_value(NO_HOLDER_HEADER, "true")]
     else:
         status, body = 503, error_body(f"no pod can serve this ({policy.value})", GRPC_UNAVAILABLE)
         headers = []
@@ -553,22 +562,12 @@ def _fallback_route(
         direct_response=route_components_pb2.DirectResponseAction(
             status=status, body=base_pb2.DataSource(inline_string=body)
         ),
-        response_headers_to_add=[_header("content-type", "application/json"), *headers],
+        response_headers_to_add=[header_value("content-type", "application/json"), *headers],
     )
 
 
 def _any_path_route(action: route_components_pb2.RouteAction) -> route_components_pb2.Route:
     return route_components_pb2.Route(match=_ANY_PATH, route=action)
-
-
-def default_subset_pods(d: Destination) -> list[str]:
-    """Pods whose endpoint metadata (in the subset strategy) matches the rule's
-    ``defaultSubset``: every key is a model key and lists the value."""
-    keys = set(model_keys(d.http))
-    pods = set(d.mesh.instances)
-    for key, value in d.rule.default_subset:
-        pods &= set(d.mesh.routable(value)) if key in keys else set()
-    return sorted(pods)
 
 
 def _model_input() -> extension_pb2.TypedExtensionConfig:

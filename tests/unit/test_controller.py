@@ -16,8 +16,9 @@ from modelxds.placement.model import Placement
 from modelxds.policy import default_policy
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
+from modelxds.xds.ir import Options
 from modelxds.xds.resources import CLUSTER, ENDPOINT, ROUTE
-from modelxds.xds.translate import Options
+from modelxds.xds.subset import SubsetStrategy
 from tests.unit.xds_messages import assignment, cluster
 
 
@@ -51,6 +52,7 @@ def _controller(
         Options(descriptor_set=descriptor_set_bytes()),
         quiet=quiet,
         max_delay=max_delay,
+        translator=SubsetStrategy(),
     )
 
 

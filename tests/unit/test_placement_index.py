@@ -81,7 +81,7 @@ def _same(got: MeshPlacement, want: MeshPlacement) -> None:
     assert dict(got.models) == dict(want.models)
     assert dict(got.vmodels) == dict(want.vmodels)
     assert got.names_by_instance() == want.names_by_instance()
-    assert list(map(dict, got.routes)) == list(map(dict, want.routes))
+    assert dict(got.routes) == dict(want.routes)
     # the index may wake early for a stale entry, never late
     if want.next_transition_ms is not None:
         assert got.next_transition_ms is not None
@@ -97,6 +97,25 @@ def test_index_matches_build_mesh_on_random_churn(seed: int) -> None:
             h.step()
         got = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
         _same(got, h.reference())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_each_snapshot_names_exactly_the_routes_that_changed_since_the_one_before(
+    seed: int,
+) -> None:
+    h = History(seed)
+    index = MeshIndex("ns", THRESHOLD)
+    before = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
+    assert before.changes is None  # nothing to compare the first snapshot with
+    for _ in range(150):
+        for _ in range(h.rnd.randrange(1, 4)):
+            h.step()
+        got = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
+        assert got.changes is not None and got.changes.since is before.routes_id
+        names = before.routes.keys() | got.routes.keys()
+        moved = {n for n in names if before.routes.get(n) != got.routes.get(n)}
+        assert got.changes.names == moved
+        before = got
 
 
 def test_loading_copy_becomes_loaded_by_the_clock_alone() -> None:

@@ -10,10 +10,11 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from modelxds.placement.model import Placement
 from modelxds.policy import parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
+from modelxds.xds.ir import RestMode
 from modelxds.xds.references import ReferenceCheck
 from modelxds.xds.resources import ENDPOINT, ROUTE
-from modelxds.xds.scale import translate_scale
-from modelxds.xds.translate import RestMode, translate
+from modelxds.xds.scale import ScaleStrategy, translate_scale
+from modelxds.xds.subset import translate_subset
 from tests.unit.test_translate import OPTIONS, several_headers_and_ports
 from tests.unit.test_translate import _placement as seed_placement
 
@@ -24,14 +25,14 @@ POLICIES = {
 }
 
 
-@pytest.mark.parametrize("translator", [translate, translate_scale])
+@pytest.mark.parametrize("translator", [translate_subset, translate_scale])
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("rest", list(RestMode))
 @pytest.mark.parametrize("empty", [False, True])
 def test_every_translated_config_is_consistent(
     translator: object, policy: str, rest: RestMode, empty: bool
 ) -> None:
-    placement = Placement() if empty else seed_placement(4)
+    placement = Placement() if empty else seed_placement()
     options = dataclasses.replace(OPTIONS, rest=rest)
     resources = translator(placement, parse_policy(POLICIES[policy]), options)  # type: ignore[operator]
     assert ReferenceCheck().problems(resources) == []
@@ -40,8 +41,8 @@ def test_every_translated_config_is_consistent(
 def test_each_dangling_reference_is_named() -> None:
     resources = {
         k: dict(v)
-        for k, v in translate_scale(
-            seed_placement(4), parse_policy(SEED_POLICY_YAML), OPTIONS
+        for k, v in ScaleStrategy(shards=4)(
+            seed_placement(), parse_policy(SEED_POLICY_YAML), OPTIONS
         ).items()
     }
     table = route_pb2.RouteConfiguration()

@@ -1,14 +1,10 @@
-"""Translator: golden files for the seed policy, and the policy knobs that shape the config."""
+"""The "subset" translator: the policy knobs that shape the config."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -23,21 +19,20 @@ from google.protobuf.message import Message
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord, VModelRecord
-from modelxds.placement.model import ROUTE_BUCKETS, Placement, build_mesh
+from modelxds.placement.model import Placement, build_mesh
 from modelxds.policy import default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
+from modelxds.xds.builders import REST_MODEL_PATH
+from modelxds.xds.ir import Options, RestMode
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
-from modelxds.xds.translate import REST_MODEL_PATH, Options, RestMode, translate
+from modelxds.xds.subset import translate_subset
 
-GOLDEN = Path(__file__).parent.parent / "golden"
 NOW = 1_715_003_600_000
 OPTIONS = Options(descriptor_set=descriptor_set_bytes())
 KEY = "modelmesh.asm.alibabacloud.com"
 
 
-def _placement(
-    buckets: int = ROUTE_BUCKETS, registry: dict[str, ModelRecord] | None = None
-) -> Placement:
+def _placement(registry: dict[str, ModelRecord] | None = None) -> Placement:
     """Three pods, a model on two, one loading, an orphan, an InferenceService mid-change.
     ``registry``: model records to add or replace."""
     pods = {
@@ -73,7 +68,6 @@ def _placement(
             for iid, ip in pods.items()
         },
         now_ms=NOW,
-        buckets=buckets,
     )
     return Placement({"modelmesh-serving": mesh}, revision=42)
 
@@ -88,38 +82,9 @@ def _cluster(msg: Message) -> cluster_pb2.Cluster:
     return msg
 
 
-def _dump(resources: Resources) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for type_url, by_name in resources.items():
-        docs = {}
-        for name, msg in sorted(by_name.items()):
-            doc = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-            docs[name] = json.loads(
-                # the descriptor is 20 KB of bytes with its own golden test (test_kserve_proto)
-                json.dumps(doc).replace(
-                    base64.b64encode(descriptor_set_bytes()).decode(), "<kserve-v2>"
-                )
-            )
-        out[type_url.rsplit(".", 1)[-1]] = docs
-    return out
-
-
-def _check_golden(name: str, resources: Resources) -> None:
-    path = GOLDEN / name
-    got = json.dumps(_dump(resources), indent=1, sort_keys=True) + "\n"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(got)
-    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 and review the diff"
-    assert got == path.read_text(), f"{name} differs: UPDATE_GOLDEN=1 after reviewing"
-
-
-def test_seed_policy_golden() -> None:
-    _check_golden("seed_subset.json", translate(_placement(), default_policy(), OPTIONS))
-
-
 def test_translation_is_deterministic() -> None:
-    a = translate(_placement(), default_policy(), OPTIONS)
-    b = translate(_placement(), default_policy(), OPTIONS)
+    a = translate_subset(_placement(), default_policy(), OPTIONS)
+    b = translate_subset(_placement(), default_policy(), OPTIONS)
     for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
         assert {n: m.SerializeToString(deterministic=True) for n, m in a[t].items()} == {
             n: m.SerializeToString(deterministic=True) for n, m in b[t].items()
@@ -132,7 +97,7 @@ REST_CLUSTER = "outbound|8008|rest|modelmesh-serving.modelmesh-serving.svc.clust
 
 @pytest.mark.parametrize(("cluster", "port"), [(GRPC_CLUSTER, 8033), (REST_CLUSTER, 8008)])
 def test_endpoint_metadata_lists_routable_models_and_vmodels(cluster: str, port: int) -> None:
-    eds = translate(_placement(), default_policy(), OPTIONS)[ENDPOINT]
+    eds = translate_subset(_placement(), default_policy(), OPTIONS)[ENDPOINT]
     cla = _cla(eds[cluster])
     meta = {
         ep.endpoint.hostname: [
@@ -157,7 +122,7 @@ def test_endpoint_metadata_lists_routable_models_and_vmodels(cluster: str, port:
 )
 def test_fallback_policy_reaches_the_cluster(policy: str, cluster_fallback: str) -> None:
     text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", f"fallbackPolicy: {policy}")
-    cds = translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER]
+    cds = translate_subset(_placement(), parse_policy(text), OPTIONS)[CLUSTER]
     assert sorted(cds) == [REST_CLUSTER, GRPC_CLUSTER]
     for cluster in map(_cluster, cds.values()):
         _assert_subset_fallback(cluster, cluster_fallback)
@@ -189,7 +154,7 @@ def test_default_subset_is_configured() -> None:
         "        defaultSubset: {" + KEY + ": example-mnist-isvc}\n        subsetSelectors:",
     )
     for cluster in map(
-        _cluster, translate(_placement(), parse_policy(text), OPTIONS)[CLUSTER].values()
+        _cluster, translate_subset(_placement(), parse_policy(text), OPTIONS)[CLUSTER].values()
     ):
         assert dict(cluster.lb_subset_config.default_subset) == {KEY: "example-mnist-isvc"}
 
@@ -211,7 +176,7 @@ def several_headers_and_ports() -> str:
 
 
 def test_several_headers_and_ports() -> None:
-    resources = translate(_placement(), parse_policy(several_headers_and_ports()), OPTIONS)
+    resources = translate_subset(_placement(), parse_policy(several_headers_and_ports()), OPTIONS)
     assert sorted(resources[LISTENER]) == ["0.0.0.0_8008", "0.0.0.0_9008"]
     assert sorted(resources[ROUTE]) == ["8008", "9008"]
     listener = resources[LISTENER]["0.0.0.0_8008"]
@@ -226,7 +191,7 @@ def test_several_headers_and_ports() -> None:
 
 def test_namespace_without_placement_gets_a_cluster_without_endpoints() -> None:
     text = SEED_POLICY_YAML.replace("namespace: modelmesh-serving", "namespace: team-b")
-    resources = translate(_placement(), parse_policy(text), OPTIONS)
+    resources = translate_subset(_placement(), parse_policy(text), OPTIONS)
     assert sorted(resources[CLUSTER]) == [
         "outbound|8008|rest|modelmesh-serving.team-b.svc.cluster.local",
         "outbound|8033||modelmesh-serving.team-b.svc.cluster.local",
@@ -255,7 +220,7 @@ def _hcm(resources: Resources, name: str = "0.0.0.0_8008") -> hcm_pb2.HttpConnec
 
 
 def test_grpc_goes_to_the_grpc_port_and_rest_to_the_pods_rest_proxy() -> None:
-    grpc, rest, other = _routes(translate(_placement(), default_policy(), OPTIONS))
+    grpc, rest, other = _routes(translate_subset(_placement(), default_policy(), OPTIONS))
     assert grpc.match.HasField("grpc") and grpc.route.cluster == GRPC_CLUSTER
     assert _added_headers(grpc) == {"mm-balanced": "true"}
     assert rest.route.cluster == REST_CLUSTER
@@ -265,17 +230,17 @@ def test_grpc_goes_to_the_grpc_port_and_rest_to_the_pods_rest_proxy() -> None:
     error = json.loads(other.direct_response.body.inline_string)["error"]
     assert "/v2/models/{name}/infer" in error and "model, mm-model-id, mm-vmodel-id" in error
     rest_cluster = _cluster(
-        translate(_placement(), default_policy(), OPTIONS)[CLUSTER][REST_CLUSTER]
+        translate_subset(_placement(), default_policy(), OPTIONS)[CLUSTER][REST_CLUSTER]
     )
     assert not rest_cluster.typed_extension_protocol_options  # HTTP/1.1, as the REST proxy
     filters = [
-        f.name for f in _hcm(translate(_placement(), default_policy(), OPTIONS)).http_filters
+        f.name for f in _hcm(translate_subset(_placement(), default_policy(), OPTIONS)).http_filters
     ]
     assert "envoy.filters.http.grpc_json_transcoder" not in filters
 
 
 def test_rest_port_comes_from_the_flag_or_the_virtual_services_annotation() -> None:
-    by_flag = translate(_placement(), default_policy(), replace(OPTIONS, rest_port=9000))
+    by_flag = translate_subset(_placement(), default_policy(), replace(OPTIONS, rest_port=9000))
     assert (
         "outbound|9000|rest|modelmesh-serving.modelmesh-serving.svc.cluster.local"
         in by_flag[CLUSTER]
@@ -285,7 +250,9 @@ def test_rest_port_comes_from_the_flag_or_the_virtual_services_annotation() -> N
         "metadata:\n  name: vs-modelmesh-serving-service\n  namespace: modelmesh-serving\n"
         "  annotations: {modelxds.io/rest-port: '18008'}",
     )
-    by_annotation = translate(_placement(), parse_policy(text), replace(OPTIONS, rest_port=9000))
+    by_annotation = translate_subset(
+        _placement(), parse_policy(text), replace(OPTIONS, rest_port=9000)
+    )
     _, rest, _ = _routes(by_annotation)
     assert (
         rest.route.cluster
@@ -294,7 +261,9 @@ def test_rest_port_comes_from_the_flag_or_the_virtual_services_annotation() -> N
 
 
 def test_transcode_mode_sends_rest_as_grpc_and_refuses_the_data_form() -> None:
-    resources = translate(_placement(), default_policy(), replace(OPTIONS, rest=RestMode.TRANSCODE))
+    resources = translate_subset(
+        _placement(), default_policy(), replace(OPTIONS, rest=RestMode.TRANSCODE)
+    )
     assert sorted(resources[CLUSTER]) == [GRPC_CLUSTER]
     _, rest, _ = _routes(resources)
     assert rest.route.cluster == GRPC_CLUSTER and _added_headers(rest) == {"mm-balanced": "true"}
@@ -308,7 +277,7 @@ def test_transcode_mode_sends_rest_as_grpc_and_refuses_the_data_form() -> None:
 @pytest.mark.parametrize("policy", ["ANY_ENDPOINT", "NO_FALLBACK"])
 def test_no_fallback_turns_a_model_no_pod_holds_into_404(policy: str) -> None:
     text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", f"fallbackPolicy: {policy}")
-    hcm = _hcm(translate(_placement(), parse_policy(text), OPTIONS))
+    hcm = _hcm(translate_subset(_placement(), parse_policy(text), OPTIONS))
     if policy == "ANY_ENDPOINT":
         assert not hcm.HasField("local_reply_config")
         return
@@ -323,7 +292,10 @@ def test_no_fallback_turns_a_model_no_pod_holds_into_404(policy: str) -> None:
 def test_no_fallback_without_any_pod_stays_503_and_the_listener_stays_as_it_is() -> None:
     text = SEED_POLICY_YAML.replace("fallbackPolicy: ANY_ENDPOINT", "fallbackPolicy: NO_FALLBACK")
     policy = parse_policy(text)
-    up, down = translate(_placement(), policy, OPTIONS), translate(Placement({}), policy, OPTIONS)
+    up, down = (
+        translate_subset(_placement(), policy, OPTIONS),
+        translate_subset(Placement({}), policy, OPTIONS),
+    )
     # the last pod going (or the first coming) changes routes, never the listener
     assert up[LISTENER] == down[LISTENER]
     (mapper,) = _hcm(down).local_reply_config.mappers

@@ -1,5 +1,5 @@
-"""The "scale" translator: golden file for the seed policy, routes per model in route
-tables per bucket, fallbacks, and which resources a change touches."""
+"""The "scale" translator: routes per model in route tables per shard, fallbacks, and
+which resources a change touches."""
 
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ from lupa.luajit21 import LuaRuntime
 from xds.type.matcher.v3 import matcher_pb2
 
 from modelxds.modelmesh import ModelRecord
-from modelxds.placement.model import Placement, route_bucket
-from modelxds.policy import default_policy, parse_policy
+from modelxds.placement.index import MeshIndex
+from modelxds.placement.model import Placement
+from modelxds.policy import Policy, default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
+from modelxds.xds.builders import REST_API_PATH
+from modelxds.xds.ir import Options, RestMode
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
-from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy, translate_scale
-from modelxds.xds.translate import REST_API_PATH, RestMode, translate
+from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy, shard_of
+from modelxds.xds.subset import translate_subset
+from tests.unit.test_placement_index import History
 from tests.unit.test_translate import (
     KEY,
     NOW,
     OPTIONS,
-    _check_golden,
     several_headers_and_ports,
 )
 from tests.unit.test_translate import _placement as seed_placement
@@ -39,13 +42,17 @@ FQDN = "modelmesh-serving.modelmesh-serving.svc.cluster.local"
 SERVICE = f"outbound|8033||{FQDN}"
 REST_SERVICE = f"outbound|8008|rest|{FQDN}"
 PODS = ("7dd689-4zwqs", "7dd689-k2x9p", "7dd689-p3r7q")
-# Route buckets in these tests: a readable golden file, and the seed's three names land
-# in three different ones (1, 2, 3), leaving bucket 0 empty.
-BUCKETS = 4
+# Shards in these tests: a readable golden file, and the seed's three names land in three
+# different ones (1, 2, 3), leaving shard 0 empty.
+SHARDS = 4
+
+
+def translate_scale(placement: Placement, policy: Policy, options: Options) -> Resources:
+    return ScaleStrategy(SHARDS)(placement, policy, options)
 
 
 def _placement(registry: dict[str, ModelRecord] | None = None) -> Placement:
-    return seed_placement(BUCKETS, registry)
+    return seed_placement(registry)
 
 
 def _pod(iid: str, port: int = 8033) -> str:
@@ -76,7 +83,7 @@ def _model_tables(
     resources: Resources, port: int = 8008, prefix: str = ""
 ) -> list[route_pb2.RouteConfiguration]:
     """A listener's model tables: gRPC's, or with ``prefix="rest/"`` REST's."""
-    return [_table(resources, f"{port}/{prefix}{b}") for b in range(BUCKETS)]
+    return [_table(resources, f"{port}/{prefix}{b}") for b in range(SHARDS)]
 
 
 def _cluster(msg: Message) -> cluster_pb2.Cluster:
@@ -144,10 +151,6 @@ def _lua(resources: Resources, name: str = "0.0.0.0_8008") -> str:
     return str(lua.default_source_code.inline_string)
 
 
-def test_seed_policy_golden() -> None:
-    _check_golden("seed_scale.json", translate_scale(_placement(), default_policy(), OPTIONS))
-
-
 def test_translation_is_deterministic() -> None:
     a = translate_scale(_placement(), default_policy(), OPTIONS)
     b = translate_scale(_placement(), default_policy(), OPTIONS)
@@ -155,7 +158,7 @@ def test_translation_is_deterministic() -> None:
         assert _serialized(a, t) == _serialized(b, t)
 
 
-def test_each_name_routes_to_exactly_its_routable_pods_from_its_buckets_table() -> None:
+def test_each_name_routes_to_exactly_its_routable_pods_from_its_shards_table() -> None:
     placement = _placement()
     mesh = placement.meshes["modelmesh-serving"]
     resources = translate_scale(placement, default_policy(), OPTIONS)
@@ -170,7 +173,7 @@ def test_each_name_routes_to_exactly_its_routable_pods_from_its_buckets_table() 
     for name, clusters in _routes(resources).items():
         assert clusters == [_pod(iid) for iid in mesh.routable(name)]
         # the gateway's Lua filter sends a request for the name to this table only
-        assert name in _entries(_table(resources, f"8008/{route_bucket(name, BUCKETS)}"))
+        assert name in _entries(_table(resources, f"8008/{shard_of(name, SHARDS)}"))
     # REST: the same holders, at their REST proxy
     assert _routes(resources, prefix="rest/") == {
         name: [c.replace(":8033", ":8008/rest") for c in clusters]
@@ -178,9 +181,9 @@ def test_each_name_routes_to_exactly_its_routable_pods_from_its_buckets_table() 
     }
 
 
-def test_one_scope_per_bucket_and_one_for_requests_without_a_model() -> None:
+def test_one_scope_per_shard_and_one_for_requests_without_a_model() -> None:
     resources = translate_scale(_placement(), default_policy(), OPTIONS)
-    names = [f"8008/{prefix}{b}" for prefix in ("", "rest/") for b in [*range(BUCKETS), "none"]]
+    names = [f"8008/{prefix}{b}" for prefix in ("", "rest/") for b in [*range(SHARDS), "none"]]
     assert sorted(resources[SCOPED_ROUTE]) == sorted(names)
     assert sorted(resources[ROUTE]) == sorted(names)
     for name, scope in resources[SCOPED_ROUTE].items():
@@ -231,13 +234,13 @@ def test_lua_filter_sends_each_request_to_its_names_table_and_routes_again(
     script = _lua(translate_scale(_placement(), default_policy(), options))
     rest_tables = "8008/rest/" if rest is RestMode.PROXY else "8008/"
     for name in ["example-mnist-isvc", "m", "x" * 300, "ünïcode-model", "a.b_c-d/e"]:
-        bucket = route_bucket(name, BUCKETS)  # the hash the placement index uses
+        shard = shard_of(name, SHARDS)  # the hash the translator shards by
         grpc = _run_lua(script, GRPC, {KEY: name})
-        assert grpc[SHARD_HEADER] == f"8008/{bucket}"
+        assert grpc[SHARD_HEADER] == f"8008/{shard}"
         assert grpc[MODEL_HEADER] == name and grpc["routed"] == "again"
         for path in (f"/v2/models/{name}/infer", "/v2/models/m/infer?x=1", "/v2"):
             got = _run_lua(script, {":path": path, "content-type": "application/json"}, {KEY: name})
-            assert got[SHARD_HEADER] == f"{rest_tables}{bucket}", path
+            assert got[SHARD_HEADER] == f"{rest_tables}{shard}", path
     # no model: the table of requests without one; a client cannot pick a route itself
     got = _run_lua(script, {**GRPC, MODEL_HEADER: "forged", SHARD_HEADER: "8008/0"}, {})
     assert got[SHARD_HEADER] == "8008/none" and MODEL_HEADER not in got
@@ -259,7 +262,7 @@ def test_per_model_routes_split_equally_and_never_time_out() -> None:
 
 def test_retries_and_mm_balanced_are_set_once_on_each_virtual_host() -> None:
     resources = translate_scale(_placement(), default_policy(), OPTIONS)
-    subset = translate(_placement(), default_policy(), OPTIONS)[ROUTE]["8008"]
+    subset = translate_subset(_placement(), default_policy(), OPTIONS)[ROUTE]["8008"]
     assert isinstance(subset, route_pb2.RouteConfiguration)
     grpc_route, rest_route, _ = subset.virtual_hosts[0].routes
     for name, table in resources[ROUTE].items():
@@ -335,14 +338,14 @@ def test_placement_change_touches_only_the_tables_of_the_names_that_moved() -> N
     changed = {name for name in new if new[name] != old[name]}
     names = ("example-mnist-isvc", "mnist-svm__isvc-6b2eb0b8bf", "xgb__isvc-1a2b3c4d5e")
     assert changed == {
-        f"8008/{prefix}{route_bucket(n, BUCKETS)}" for n in names for prefix in ("", "rest/")
+        f"8008/{prefix}{shard_of(n, SHARDS)}" for n in names for prefix in ("", "rest/")
     }
     assert _routes(after)["xgb__isvc-1a2b3c4d5e"] == [_pod("7dd689-k2x9p"), _pod("7dd689-p3r7q")]
 
 
 def test_an_unchanged_table_is_the_same_message_so_it_is_neither_serialized_nor_resent() -> None:
     placement = _placement()
-    strategy = ScaleStrategy()  # what serve holds: the reuse is its own, no module state
+    strategy = ScaleStrategy(SHARDS)  # what serve holds: the reuse is its own, no module state
     first = strategy(placement, default_policy(), OPTIONS)
     again = strategy(placement, default_policy(), OPTIONS)
     for name, table in first[ROUTE].items():
@@ -351,14 +354,14 @@ def test_an_unchanged_table_is_the_same_message_so_it_is_neither_serialized_nor_
     for name, cluster in first[CLUSTER].items():
         if name not in (SERVICE, REST_SERVICE):
             assert again[CLUSTER][name] is cluster, name
-    # a table whose bucket changed is rebuilt, by value: an equal copy of a bucket reuses
+    # a table whose shard changed is rebuilt, by value: an equal copy of a shard reuses
     moved = _placement({"xgb__isvc-1a2b3c4d5e": ModelRecord(instance_ids={"7dd689-k2x9p": 1})})
     after = strategy(moved, default_policy(), OPTIONS)
-    bucket = f"8008/{route_bucket('xgb__isvc-1a2b3c4d5e', BUCKETS)}"
-    assert after[ROUTE][bucket] is not again[ROUTE][bucket]
+    moved_table = f"8008/{shard_of('xgb__isvc-1a2b3c4d5e', SHARDS)}"
+    assert after[ROUTE][moved_table] is not again[ROUTE][moved_table]
     assert (
-        translate_scale(placement, default_policy(), OPTIONS)[ROUTE][bucket]
-        is not (first[ROUTE][bucket])
+        translate_scale(placement, default_policy(), OPTIONS)[ROUTE][moved_table]
+        is not (first[ROUTE][moved_table])
     )  # a one-off translation keeps nothing
 
 
@@ -377,7 +380,7 @@ def test_pod_load_statistics_change_nothing() -> None:
 
 def test_listener_keeps_the_subset_model_extraction_then_runs_the_lua_filter() -> None:
     scale = list(_hcm(translate_scale(_placement(), default_policy(), OPTIONS)).http_filters)
-    subset = list(_hcm(translate(_placement(), default_policy(), OPTIONS)).http_filters)
+    subset = list(_hcm(translate_subset(_placement(), default_policy(), OPTIONS)).http_filters)
     assert [f.name for f in scale] == [
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.lua",
@@ -492,3 +495,30 @@ def test_transcode_mode_has_no_rest_clusters_and_one_rest_table_that_refuses() -
     assert [name for name in resources[ROUTE] if "rest" in name] == ["8008/rest/none"]
     (refusal,) = _table(resources, "8008/rest/none").virtual_hosts[0].routes
     assert refusal.direct_response.status == 400
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_long_lived_strategy_builds_what_a_fresh_one_builds_under_churn(seed: int) -> None:
+    """The strategy updates its shards by the names each snapshot says changed; the
+    config must be the very bytes a translation from scratch gives, whatever came before."""
+    history = History(seed)
+    index = MeshIndex("ns", 3000)
+    policy = parse_policy(SEED_POLICY_YAML.replace("namespace: modelmesh-serving", "namespace: ns"))
+    strategy = ScaleStrategy(SHARDS)
+    for step in range(120):
+        for _ in range(history.rnd.randrange(1, 4)):
+            history.step()
+        h = history
+        mesh = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
+        if step % 40 == 39:  # a re-list: a fresh index, whose snapshot has no changes
+            index = MeshIndex("ns", 3000)
+            h.changes.all(h.registry, h.vmodels)
+            h.changes.pods = True
+            mesh = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
+        placement = Placement({"ns": mesh})
+        kept, fresh = (
+            strategy(placement, policy, OPTIONS),
+            translate_scale(placement, policy, OPTIONS),
+        )
+        for t in (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE):
+            assert _serialized(kept, t) == _serialized(fresh, t), (step, t)
