@@ -16,7 +16,16 @@ from types import MappingProxyType
 
 from google.protobuf.message import Message
 
-from modelxds.xds.resources import CLUSTER, PUSH_ORDER, WILDCARD_TYPES, Resources
+from envoy.config.route.v3 import scoped_route_pb2
+
+from modelxds.xds.resources import (
+    CLUSTER,
+    PUSH_ORDER,
+    ROUTE,
+    SCOPED_ROUTE,
+    WILDCARD_TYPES,
+    Resources,
+)
 
 WILDCARD_NAME = "*"
 # Response bodies a version keeps, by the set of names asked for: the usual sets (all, a
@@ -72,11 +81,17 @@ def _empty(type_url: str) -> TypeSnapshot:
     return TypeSnapshot(type_url, "", {})
 
 
-# Make-before-break: how long a cluster the config no longer has stays in CDS. The
-# routes that named it go out in the same version (CDS before RDS on every stream), so
-# by the time it leaves, every gateway routes elsewhere; Envoy answers 503 "no cluster"
-# (not retried) for a route whose cluster it has already dropped.
+# Make-before-break: how long a cluster or scope the config no longer has stays. The
+# routes that named the cluster, and the listener whose Lua computed the scope's key, go
+# out in the same version (CDS before LDS before RDS on every stream), so by the time
+# it leaves, every gateway routes elsewhere; Envoy answers 503 "no cluster" (not
+# retried) for a route whose cluster it has already dropped, and 404 for a request
+# whose scope it has. A scope kept keeps its route table. Listeners are not kept: nothing
+# names a listener, and Envoy drains a removed listener's connections itself.
 RETIRE_AFTER_S = 10.0
+# The state-of-the-world types whose resources others name: one left out of a response
+# is removed at once.
+RETIRED_TYPES = (CLUSTER, SCOPED_ROUTE)
 
 
 class SnapshotCache:
@@ -90,8 +105,8 @@ class SnapshotCache:
     ) -> None:
         self.retire_after_s = retire_after_s
         self._clock = clock
-        # clusters set() no longer had: name -> when they were last in a config
-        self._retiring: dict[str, float] = {}
+        # per RETIRED_TYPES, resources set() no longer had: name -> when last in a config
+        self._retiring: dict[str, dict[str, float]] = {t: {} for t in RETIRED_TYPES}
         # replaced whole by set(): a reader holding it sees one version of every type
         self._types: Mapping[str, TypeSnapshot] = MappingProxyType(
             {t: _empty(t) for t in PUSH_ORDER}
@@ -129,12 +144,15 @@ class SnapshotCache:
         """
         changed = []
         types = dict(self._types)
+        now = self._clock()
         for type_url in PUSH_ORDER:
             before = self._built[type_url]
             built = {}
             wanted = resources.get(type_url, {})
-            if type_url == CLUSTER:
-                wanted = self._with_retiring(wanted, before)
+            if type_url in RETIRED_TYPES:
+                wanted = self._with_retiring(type_url, wanted, before, now)
+            elif type_url == ROUTE:
+                wanted = self._with_tables_of_retiring_scopes(wanted, before)
             for name, msg in wanted.items():
                 seen = before.get(name)
                 if seen is None or seen[0] is not msg:
@@ -166,32 +184,48 @@ class SnapshotCache:
         self._listeners.discard(event)
 
     def _with_retiring(
-        self, clusters: Mapping[str, Message], before: Mapping[str, tuple[Message, bytes, bytes]]
+        self,
+        type_url: str,
+        wanted: Mapping[str, Message],
+        before: Mapping[str, tuple[Message, bytes, bytes]],
+        now: float,
     ) -> dict[str, Message]:
-        """``clusters`` plus those of the last config that left it less than
+        """``wanted`` plus the resources of the last config that left it less than
         ``retire_after_s`` ago."""
-        now = self._clock()
-        kept = dict(clusters)
+        kept = dict(wanted)
         retiring = {}
         for name, (msg, _, _) in before.items():
-            if name in clusters:
+            if name in wanted:
                 continue
-            since = self._retiring.get(name, now)
+            since = self._retiring[type_url].get(name, now)
             if now - since < self.retire_after_s:
                 kept[name] = msg
                 retiring[name] = since
-        self._retiring = retiring
+        self._retiring[type_url] = retiring
+        return kept
+
+    def _with_tables_of_retiring_scopes(
+        self, tables: Mapping[str, Message], before: Mapping[str, tuple[Message, bytes, bytes]]
+    ) -> Mapping[str, Message]:
+        if not self._retiring[SCOPED_ROUTE]:
+            return tables
+        kept = dict(tables)
+        for name in self._retiring[SCOPED_ROUTE]:
+            scope = self._built[SCOPED_ROUTE][name][0]
+            assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+            table = scope.route_configuration_name
+            if table not in kept and table in before:
+                kept[table] = before[table][0]
         return kept
 
     @property
     def next_retirement(self) -> float | None:
-        """When (on ``clock``) the next retiring cluster may go: a set() then removes it."""
-        if not self._retiring:
-            return None
-        return min(self._retiring.values()) + self.retire_after_s
+        """When (on ``clock``) the next retiring resource may go: a set() then removes it."""
+        since = [t for retiring in self._retiring.values() for t in retiring.values()]
+        return min(since) + self.retire_after_s if since else None
 
     def retirement_in(self) -> float | None:
-        """Seconds until a set() would remove a retiring cluster; None: none retiring."""
+        """Seconds until a set() would remove a retiring resource; None: none retiring."""
         due = self.next_retirement
         return None if due is None else max(0.0, due - self._clock())
 

@@ -122,6 +122,33 @@ def test_a_removed_cluster_stays_until_the_routes_that_named_it_are_long_gone() 
     assert cache.next_retirement is None
 
 
+def test_a_removed_scope_stays_with_its_route_table_and_listeners_go_at_once() -> None:
+    now = [0.0]
+    cache = SnapshotCache(retire_after_s=10, clock=lambda: now[0])
+    first = config()
+    cache.set(first)
+    # a new listener computes other scope keys: the old scope (and the table it names)
+    # stays for the old listener's draining connections; the old listener goes at once
+    renamed = config()
+    renamed[LISTENER] = {"ingress-2": listener_pb2.Listener(name="ingress-2")}
+    renamed[SCOPED_ROUTE] = {
+        "scope-2": scoped_route_pb2.ScopedRouteConfiguration(
+            name="scope-2", route_configuration_name="models-2"
+        )
+    }
+    renamed[ROUTE] = {"models-2": route_pb2.RouteConfiguration(name="models-2")}
+    cache.set(renamed)
+    assert set(cache.get(LISTENER).resources) == {"ingress-2"}
+    assert set(cache.get(SCOPED_ROUTE).resources) == {"scope", "scope-2"}
+    assert set(cache.get(ROUTE).resources) == {"models", "models-2"}
+    assert cache.next_retirement == 10
+    now[0] = 10.0
+    cache.set(renamed)
+    assert set(cache.get(SCOPED_ROUTE).resources) == {"scope-2"}
+    assert set(cache.get(ROUTE).resources) == {"models-2"}
+    assert cache.next_retirement is None
+
+
 def test_version_is_a_content_hash_shared_by_replicas() -> None:
     one, two = SnapshotCache(), SnapshotCache()
     one.set(config(clusters={"model-a": 1, "model-b": 2}))
@@ -135,7 +162,7 @@ def test_version_is_a_content_hash_shared_by_replicas() -> None:
 
 
 def test_a_type_missing_from_the_config_is_served_empty() -> None:
-    cache = SnapshotCache()
+    cache = SnapshotCache(retire_after_s=0)  # nothing kept for make-before-break
     cache.set(config())
     assert cache.set({CLUSTER: config()[CLUSTER]}) == [ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE]
     snap = cache.get(ENDPOINT)

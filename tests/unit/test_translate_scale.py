@@ -25,7 +25,7 @@ from modelxds.placement.model import Placement
 from modelxds.policy import Policy, default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds.builders import REST_API_PATH
-from modelxds.xds.ir import Options, RestMode
+from modelxds.xds.ir import Options, RestMode, Strategy
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy, shard_of
 from modelxds.xds.subset import translate_subset
@@ -522,3 +522,19 @@ def test_a_long_lived_strategy_builds_what_a_fresh_one_builds_under_churn(seed: 
         )
         for t in (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE):
             assert _serialized(kept, t) == _serialized(fresh, t), (step, t)
+
+
+@pytest.mark.parametrize("strategy", [translate_subset, translate_scale])
+def test_placement_never_changes_a_listener(strategy: Strategy) -> None:
+    """A listener change drains every connection to the gateway: pods and models coming
+    and going, the last pod leaving included, must touch only CDS, EDS and RDS."""
+    history = History(3)
+    index = MeshIndex("ns", 3000)
+    policy = parse_policy(SEED_POLICY_YAML.replace("namespace: modelmesh-serving", "namespace: ns"))
+    listeners = _serialized(strategy(Placement(), policy, OPTIONS), LISTENER)
+    for _ in range(100):
+        history.step()
+        h = history
+        mesh = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
+        resources = strategy(Placement({"ns": mesh}), policy, OPTIONS)
+        assert _serialized(resources, LISTENER) == listeners
