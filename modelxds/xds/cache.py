@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from google.protobuf.message import Message
-
 from envoy.config.route.v3 import scoped_route_pb2
+from google.protobuf.message import Message
 
 from modelxds.xds.resources import (
     CLUSTER,

@@ -66,6 +66,14 @@ class Client:
         await self.channel.close()
 
 
+async def answers(client: Client, model: str, holder: str) -> bool:
+    """Whether a gRPC request for ``model`` (by header) reaches ``holder``; False on error."""
+    try:
+        return await client.grpc("x", [("model", model)]) == holder
+    except grpc.aio.AioRpcError:
+        return False
+
+
 async def http_json(
     address: str,
     method: str,

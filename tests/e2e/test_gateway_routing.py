@@ -7,7 +7,6 @@ import signal
 import time
 from collections import Counter
 
-import grpc
 import pytest
 
 from modelxds.localmesh import processes
@@ -17,7 +16,7 @@ from modelxds.modelmesh import Table
 from modelxds.modelmesh.records import VModelRecord
 from modelxds.modelmesh.registrar import PodRegistration, put_vmodel
 from modelxds.xds.bootstrap import bootstrap
-from tests.e2e.gwclient import Client, gateway_status
+from tests.e2e.gwclient import Client, answers, gateway_status
 
 pytestmark = pytest.mark.e2e
 
@@ -240,7 +239,7 @@ async def test_sighup_reloads_a_valid_policy_and_keeps_the_last_good_one_otherwi
     extra_client = Client(stack, gateway=f"127.0.0.1:{extra}")
     try:
         await wait_until(
-            lambda: _answers(extra_client, "m", holder), 15, "the new listener port to route"
+            lambda: answers(extra_client, "m", holder), 15, "the new listener port to route"
         )
     finally:
         await extra_client.close()
@@ -252,10 +251,3 @@ async def test_sighup_reloads_a_valid_policy_and_keeps_the_last_good_one_otherwi
 
 async def _logged(proc: processes.Process, text: str) -> bool:
     return text in proc.log_path.read_text()
-
-
-async def _answers(client: Client, model: str, holder: str) -> bool:
-    try:
-        return await client.grpc("x", [("model", model)]) == holder
-    except grpc.aio.AioRpcError:
-        return False
