@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.kserve.health import AlwaysServing
 from modelxds.localmesh.restproxy import RestProxy
 from modelxds.localmesh.runtime import LoadError, MLServerRuntime
 from modelxds.modelmesh import (
@@ -470,7 +471,7 @@ class _Abort(Exception):
         self.message = message
 
 
-class _Servicer:
+class _Servicer(AlwaysServing):
     def __init__(self, node: MeshNode) -> None:
         self.node = node
 
@@ -492,16 +493,6 @@ class _Servicer:
         copies = self.node.placement.models.get(model_id)
         ready = model_id in self.node.loaded or bool(copies and copies.routable)
         return pb.ModelReadyResponse(ready=ready)
-
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=True)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext

@@ -23,6 +23,7 @@ import grpc
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.kserve.health import AlwaysServing
 from modelxds.localmesh.restproxy import RestProxy
 from modelxds.xds.bootstrap import join_address
 
@@ -85,21 +86,11 @@ class SampleBackend:
         await server.stop(grace)
 
 
-class _Servicer:
+class _Servicer(AlwaysServing):
     """The RPC handlers; registered by method name, so no generated base class is needed."""
 
     def __init__(self, backend: SampleBackend) -> None:
         self._backend = backend
-
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext

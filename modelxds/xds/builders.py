@@ -24,10 +24,10 @@ from envoy.type.matcher.v3 import regex_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from modelxds.kserve import SERVICE_NAME
 from modelxds.xds.ir import Destination, Options, RestMode
 
 LB_NAMESPACE = "envoy.lb"
-KSERVE_SERVICE = "inference.GRPCInferenceService"
 # Headers ModelMesh itself routes by: a gateway that understands them needs no extra header.
 MODELMESH_HEADERS = ("mm-model-id", "mm-vmodel-id")
 # /v2/models/<name>[/versions/<v>][/infer|/ready][?query] -> <name>; any other path -> ""
@@ -110,7 +110,7 @@ def build_listener(
                 "envoy.filters.http.grpc_json_transcoder",
                 transcoder_pb2.GrpcJsonTranscoder(
                     proto_descriptor_bin=options.descriptor_set,
-                    services=[KSERVE_SERVICE],
+                    services=[SERVICE_NAME],
                     print_options=transcoder_pb2.GrpcJsonTranscoder.PrintOptions(
                         preserve_proto_field_names=True
                     ),

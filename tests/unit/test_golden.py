@@ -36,37 +36,10 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "scale": lambda: ScaleStrategy(shards=4),
 }
 
-# A second team's ModelMesh in its own namespace, on its own listener.
-TEAM_B = """\
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {name: mm, namespace: team-b}
-spec:
-  host: modelmesh-serving
-  trafficPolicy:
-    loadBalancer:
-      dynamicSubset:
-        subsetSelectors:
-        - fallbackPolicy: ANY_ENDPOINT
-          keys: [modelmesh.asm.alibabacloud.com]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {name: mm, namespace: team-b}
-spec:
-  hosts: [team-b.example.com]
-  http:
-  - headerToDynamicSubsetKey:
-    - header: model
-      key: modelmesh.asm.alibabacloud.com
-    match:
-    - port: 9008
-    route:
-    - destination:
-        host: modelmesh-serving
-        port: {number: 8033}
-"""
+# A second team's ModelMesh in its own namespace, on its own listener and host.
+TEAM_B = "---\n" + SEED_POLICY_YAML.replace(
+    "namespace: modelmesh-serving", "namespace: team-b"
+).replace("port: 8008", "port: 9008").replace("hosts: ['*']", "hosts: [team-b.example.com]")
 
 
 def _two_namespaces() -> Placement:

@@ -15,6 +15,7 @@ import pytest
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.kserve.health import AlwaysServing
 from modelxds.localmesh.restproxy import (
     RestProxy,
     Route,
@@ -116,7 +117,7 @@ def test_only_grpc_metadata_headers_and_grpc_gateways_defaults_are_forwarded() -
 # ---------------------------------------------------------------------- HTTP plumbing
 
 
-class _Pod:
+class _Pod(AlwaysServing):
     """A pod's gRPC port: answers 8 for ``mnist``, NOT_FOUND otherwise; keeps metadata."""
 
     def __init__(self) -> None:
@@ -148,16 +149,6 @@ class _Pod:
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         return pb.ModelMetadataResponse(name="mnist__isvc-1", platform="mlserver")
-
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=True)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
