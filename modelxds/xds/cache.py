@@ -39,6 +39,10 @@ _ANY_TYPE_URL, _ANY_VALUE = 1, 2
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:  # a name, a short message: millions of these in a cold push
+        return bytes((n,))
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)

@@ -125,14 +125,11 @@ class ScaleStrategy:
         self.shards = shards
         self._reuse = Reuse()
         self._sharding: dict[str, _Sharding] = {}  # by namespace
-        self._map_entry: Memo[tuple[str, tuple[str, ...], str, int, bool], bytes] = Memo(
-            lambda key: _map_entry(self._on_match, *key)
-        )
         self._on_match: Memo[tuple[str, ...], bytes] = Memo(_on_match)
 
     def __call__(self, placement: Placement, policy: Policy, options: Options) -> Resources:
         """Same contract as every strategy: same input, same bytes."""
-        for memo in (self._reuse, self._map_entry, self._on_match):
+        for memo in (self._reuse, self._on_match):
             memo.next_translation()
         clusters: dict[str, Message] = {}
         endpoints: dict[str, Message] = {}
@@ -165,7 +162,7 @@ class ScaleStrategy:
                 if d.rest_port is None:  # REST outside the V2 API, which nothing transcodes
                     name = f"{shard_prefix(listen_port, rest=True)}{NO_MODEL}"
                     scopes[name] = build_scope(name)
-                    routes[name] = self._table(name, _refusal_vhost(d), {}, "", 0, True)
+                    routes[name] = self._table(name, _refusal_vhost(d), {}, {})
             # gRPC to the pods' gRPC port; REST, unless transcoded, to their REST proxy
             protocols = [(d.port, False)]
             if d.rest_port is not None:
@@ -189,9 +186,9 @@ class ScaleStrategy:
                         scopes[name] = build_scope(name)
                     for name, shard in zip(names[:-1], shards, strict=True):
                         routes[name] = self._reuse.get(
-                            name, self._table, name, model_vhost, shard, d.fqdn, port, rest
+                            name, self._table, name, model_vhost, shard, pods
                         )
-                    routes[names[-1]] = self._table(names[-1], no_model_vhost, {}, "", 0, rest)
+                    routes[names[-1]] = self._table(names[-1], no_model_vhost, {}, {})
         self._sharding = sharding
         return {
             CLUSTER: clusters,
@@ -217,10 +214,10 @@ class ScaleStrategy:
         }
 
     def _table(
-        self, name: str, vhost: bytes, shard: Shard, fqdn: str, port: int, rest: bool
+        self, name: str, vhost: bytes, shard: Shard, pods: Mapping[str, str]
     ) -> route_pb2.RouteConfiguration:
         """A shard's route table: the virtual host (``_virtual_host``) with a route for
-        each name in ``shard`` in its matcher."""
+        each name in ``shard`` to the clusters ``pods`` (instance id -> cluster) names."""
         config = route_pb2.RouteConfiguration(name=name)
         # built in place: a nested message passed to a constructor is copied
         host = config.virtual_hosts.add()
@@ -228,11 +225,21 @@ class ScaleStrategy:
         if shard:  # an empty map is invalid; without a tree every request takes on_no_match
             tree = host.matcher.matcher_tree
             tree.input.CopyFrom(_model_input())
-            # joining cached entries and parsing them once beats filling the map entry by
-            # entry; sorted, so the bytes do not depend on the order names came in
-            entry = self._map_entry
+            # MatchMap.map entries (field 1: key 1, value 2), joined and parsed once: 100,000s
+            # of names, where a message per route would cost ten times as much. Their order
+            # does not matter: the cache serializes maps deterministically, sorted by key.
+            on_match = self._on_match
             tree.exact_match_map.MergeFromString(
-                b"".join([entry((n, shard[n], fqdn, port, rest)) for n in sorted(shard)])
+                b"".join(
+                    [
+                        encode_field(
+                            1,
+                            encode_field(1, n.encode())
+                            + on_match(tuple([pods[i] for i in holders])),
+                        )
+                        for n, holders in shard.items()
+                    ]
+                )
             )
         return config
 
@@ -477,25 +484,32 @@ def failover_retry_policy() -> route_components_pb2.RetryPolicy:
     return policy
 
 
-def _map_entry(
-    on_match: Memo[tuple[str, ...], bytes],
-    name: str,
-    holders: tuple[str, ...],
-    fqdn: str,
-    port: int,
-    rest: bool,
-) -> bytes:
-    """``MatchMap.map`` (field 1) entry: key (field 1), value. Kept whole: most names
-    keep their pods from one push to the next."""
-    clusters = tuple(pod_cluster_name(fqdn, port, i, rest=rest) for i in holders)
-    return encode_field(1, encode_field(1, name.encode()) + on_match(clusters))
-
-
 def _on_match(clusters: tuple[str, ...]) -> bytes:
-    """``MatchMap.map`` entry value (field 2): an ``OnMatch`` routing to ``clusters``.
+    """``MatchMap.map`` entry value (field 2): an ``OnMatch`` whose action is the route to
+    ``clusters``, as ``_route_on_match(_any_path_route(_spread(clusters)))`` serializes it
+    (a unit test holds them equal), encoded directly: a cold push has 100,000s of these.
     Kept: a push changes few pod sets, and an InferenceService shares its model's."""
-    on_match = _route_on_match(_any_path_route(_spread(clusters)))
-    return encode_field(2, on_match.SerializeToString(deterministic=True))
+    if len(clusters) == 1:  # RouteAction.cluster
+        action = encode_field(1, clusters[0].encode())
+    else:  # RouteAction.weighted_clusters: ClusterWeight{name, weight: 1} each
+        action = encode_field(
+            3,
+            b"".join(
+                [encode_field(1, encode_field(1, c.encode()) + _WEIGHT_ONE) for c in clusters]
+            ),
+        )
+    route = _ANY_PATH_FIELD + encode_field(2, action + _NO_TIMEOUT_FIELD)  # Route.match, .route
+    typed = _ROUTE_TYPE_URL_FIELD + encode_field(2, route)  # Any.type_url, .value
+    extension = _ROUTE_ACTION_NAME_FIELD + encode_field(2, typed)  # .name, .typed_config
+    return encode_field(2, encode_field(2, extension))  # the entry's value: OnMatch.action
+
+
+# The constant fields of _on_match's encoding
+_WEIGHT_ONE = encode_field(2, b"\x08\x01")  # ClusterWeight.weight: UInt32Value{value: 1}
+_NO_TIMEOUT_FIELD = encode_field(8, b"")  # RouteAction.timeout: NO_TIMEOUT, Duration{}
+_ANY_PATH_FIELD = encode_field(1, encode_field(1, b"/"))  # Route.match: RouteMatch{prefix: "/"}
+_ROUTE_TYPE_URL_FIELD = encode_field(1, b"type.googleapis.com/envoy.config.route.v3.Route")
+_ROUTE_ACTION_NAME_FIELD = encode_field(1, b"route")
 
 
 def _spread(clusters: tuple[str, ...]) -> route_components_pb2.RouteAction:

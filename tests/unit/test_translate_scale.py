@@ -24,7 +24,9 @@ from modelxds.placement.index import MeshIndex
 from modelxds.placement.model import Placement
 from modelxds.policy import Policy, default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
+from modelxds.xds import scale
 from modelxds.xds.builders import REST_API_PATH
+from modelxds.xds.cache import encode_field
 from modelxds.xds.ir import Options, RestMode, Strategy
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy, shard_of
@@ -538,3 +540,9 @@ def test_placement_never_changes_a_listener(strategy: Strategy) -> None:
         mesh = index.refresh(h.changes, h.registry, h.vmodels, h.instances, h.litelinks, h.now)
         resources = strategy(Placement({"ns": mesh}), policy, OPTIONS)
         assert _serialized(resources, LISTENER) == listeners
+
+
+@pytest.mark.parametrize("clusters", [("a.ns:8033",), ("a.ns:8033", "b.ns:8033", "c.ns:8008/rest")])
+def test_a_names_route_is_encoded_as_its_message_serializes(clusters: tuple[str, ...]) -> None:
+    route = scale._route_on_match(scale._any_path_route(scale._spread(clusters)))
+    assert scale._on_match(clusters) == encode_field(2, route.SerializeToString(deterministic=True))
