@@ -28,6 +28,7 @@ from modelxds.placement.model import (
     Instance,
     MeshPlacement,
     RouteChanges,
+    SortedNames,
     VModel,
     classify,
     live_instances,
@@ -62,7 +63,7 @@ class MeshIndex:
         self._vmodels: dict[str, VModel] = {}
         self._vroutable: dict[str, tuple[str, ...]] = {}
         self._name_sets: dict[str, set[str]] = {}
-        self._names: dict[str, tuple[str, ...]] = {}
+        self._names: dict[str, SortedNames.Entry] = {}
         self._models_by_pod: defaultdict[str, set[str]] = defaultdict(set)
         self._pods_of: dict[str, tuple[str, ...]] = {}
         self._vmodels_by_active: defaultdict[str, set[str]] = defaultdict(set)
@@ -89,7 +90,7 @@ class MeshIndex:
             self._refresh_vmodel(vmodel_id, vmodels.get(vmodel_id), dirty_pods)
         for iid in dirty_pods:
             if iid in self._name_sets:
-                self._names[iid] = tuple(sorted(self._name_sets[iid]))
+                self._names[iid] = SortedNames.Entry(frozenset(self._name_sets[iid]))
         moved = frozenset(n for n in changes.models | changes.vmodels if self._set_route(n))
         changes.models.clear()
         changes.vmodels.clear()
@@ -100,7 +101,7 @@ class MeshIndex:
             models=MappingProxyType(dict(self._copies)),
             vmodels=MappingProxyType(dict(self._vmodels)),
             next_transition_ms=self._due[0][0] if self._due else None,
-            names=MappingProxyType(dict(self._names)),
+            names=SortedNames(dict(self._names)),
             routes=MappingProxyType(dict(self._routes)),
             changes=None if self._routes_id is None else RouteChanges(self._routes_id, moved),
         )
@@ -135,7 +136,7 @@ class MeshIndex:
             del self._names[iid]
         for iid in came:
             self._name_sets[iid] = set()
-            self._names[iid] = ()
+            self._names[iid] = SortedNames.Entry(frozenset())
         dirty_pods.update(came)
         for iid in came | went:
             changes.models.update(self._models_by_pod.get(iid, ()))
