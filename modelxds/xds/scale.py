@@ -27,11 +27,11 @@ state-of-the-world type: a gateway keeps the tables a response leaves out).
 Retries: Envoy picks one of the ``weighted_clusters`` per request and every retry
 stays in it, so a retry cannot reach another holder the way the subset load
 balancer's does. With an ANY_ENDPOINT fallback each pod's cluster therefore lists
-the other pods at priority 1, and the retry policy moves each retry to a priority
-not yet tried: a first try always goes to a holder, a retry after a connection
-failure to another pod (which serves or forwards it, as on a fallback). Under
-NO_FALLBACK or DEFAULT_SUBSET a pod's cluster is that pod alone and retries stay on
-it, since sending them anywhere would break the rule.
+the next few pods (in instance id order, round the ring) at priority 1, and the retry
+policy moves each retry to a priority not yet tried: a first try always goes to a
+holder, a retry after a connection failure to another pod (which serves or forwards
+it, as on a fallback). Under NO_FALLBACK or DEFAULT_SUBSET a pod's cluster is that
+pod alone and retries stay on it, since sending them anywhere would break the rule.
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ MODEL_HEADER = "x-modelxds-model"
 SHARD_HEADER = "x-modelxds-shard"
 NO_MODEL = "none"  # the shard of a request that names no model
 SHARDS = 256  # per listener and protocol
+# Pods a pod's cluster lists for retries after a failed connection (ANY_ENDPOINT): more
+# than the retries (2), so each retry finds one not tried yet.
+FAILOVER_PODS = 3
 # shard_of's hash: h = (31 h + byte) mod 65521 over the name's UTF-8 bytes. Integers this
 # small are exact in Lua's doubles, so the gateway's Lua filter computes the same.
 SHARD_HASH_MODULUS = 65521
@@ -205,13 +208,24 @@ class ScaleStrategy:
         cluster name)."""
         failover = d.model_miss is FallbackPolicy.ANY_ENDPOINT
         # all a pod cluster uses of the pods: their load statistics change nothing
-        addresses = tuple((iid, d.mesh.instances[iid].host) for iid in pods)
-        return {
-            name: self._reuse.get(
-                name, build_pod_cluster, name, iid, addresses, failover, port, http2, options
+        ring = [(iid, d.mesh.instances[iid].host) for iid in pods]  # sorted by instance id
+        out = {}
+        for k, name in enumerate(pods.values()):
+            # the next FAILOVER_PODS pods round the ring: a pod coming or going changes
+            # the clusters of its neighbours only, and CDS grows with pods, not pods^2
+            others = (
+                tuple(
+                    ring[(k + j) % len(ring)]
+                    for j in range(1, min(FAILOVER_PODS, len(ring) - 1) + 1)
+                )
+                if failover
+                else ()
             )
-            for iid, name in pods.items()
-        }
+            own = ring[k]
+            out[name] = self._reuse.get(
+                name, build_pod_cluster, name, own, others, port, http2, options
+            )
+        return out
 
     def _table(
         self, name: str, vhost: bytes, shard: Shard, pods: Mapping[str, str]
@@ -307,23 +321,21 @@ def pod_cluster_name(fqdn: str, port: int, instance_id: str, *, rest: bool = Fal
 
 def build_pod_cluster(
     name: str,
-    iid: str,
-    addresses: Sequence[Address],
-    failover: bool,
+    own: Address,
+    others: Sequence[Address],
     port: int,
     http2: bool,
     options: Options,
 ) -> cluster_pb2.Cluster:
-    """Pod ``iid`` at priority 0 and, with ``failover``, the other pods at priority 1 for
-    retries only: no health checks run, so the pod always looks healthy and takes
-    every first try.
+    """The pod at ``own`` at priority 0 and ``others`` at priority 1, for retries only:
+    no health checks run, so the pod always looks healthy and takes every first try.
 
     STATIC: it depends on the pods alone, so loads and unloads never touch it.
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    _add_endpoints(cla.endpoints.add(), [a for a in addresses if a[0] == iid], port)
-    if failover and len(addresses) > 1:
-        _add_endpoints(cla.endpoints.add(priority=1), [a for a in addresses if a[0] != iid], port)
+    _add_endpoints(cla.endpoints.add(), [own], port)
+    if others:
+        _add_endpoints(cla.endpoints.add(priority=1), others, port)
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,

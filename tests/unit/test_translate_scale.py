@@ -19,9 +19,9 @@ from google.protobuf.message import Message
 from lupa.luajit21 import LuaRuntime
 from xds.type.matcher.v3 import matcher_pb2
 
-from modelxds.modelmesh import ModelRecord
+from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord
 from modelxds.placement.index import MeshIndex
-from modelxds.placement.model import Placement
+from modelxds.placement.model import Placement, build_mesh
 from modelxds.policy import Policy, default_policy, parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
 from modelxds.xds import scale
@@ -301,7 +301,8 @@ def test_pod_clusters_are_static_with_the_other_pods_for_retries() -> None:
         group.priority: [ep.endpoint.hostname for ep in group.lb_endpoints]
         for group in pod.load_assignment.endpoints
     }
-    assert by_priority == {0: ["7dd689-k2x9p"], 1: ["7dd689-4zwqs", "7dd689-p3r7q"]}
+    # the next pods round the ring of instance ids
+    assert by_priority == {0: ["7dd689-k2x9p"], 1: ["7dd689-p3r7q", "7dd689-4zwqs"]}
     service = _cluster(resources[CLUSTER][SERVICE])
     assert service.type == cluster_pb2.Cluster.EDS
     assert service.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
@@ -546,3 +547,35 @@ def test_placement_never_changes_a_listener(strategy: Strategy) -> None:
 def test_a_names_route_is_encoded_as_its_message_serializes(clusters: tuple[str, ...]) -> None:
     route = scale._route_on_match(scale._any_path_route(scale._spread(clusters)))
     assert scale._on_match(clusters) == encode_field(2, route.SerializeToString(deterministic=True))
+
+
+def test_a_pod_lists_a_few_neighbours_for_retries_so_a_pod_joining_changes_only_theirs() -> None:
+    def mesh(pods: int) -> Placement:
+        ids = [f"pod-{i:02d}" for i in range(pods)]
+        built = build_mesh(
+            "modelmesh-serving",
+            registry={"m": ModelRecord(instance_ids={ids[0]: NOW - 60_000})},
+            vmodels={},
+            instances={iid: InstanceRecord() for iid in ids},
+            litelinks={
+                iid: LitelinksRecord(hostname=f"10.0.0.{i}", instance_id=iid)
+                for i, iid in enumerate(ids)
+            },
+            now_ms=NOW,
+        )
+        return Placement({"modelmesh-serving": built})
+
+    def priority_1(resources: Resources, iid: str) -> list[str]:
+        cla = _cluster(resources[CLUSTER][_pod(iid)]).load_assignment
+        return [
+            ep.endpoint.hostname for g in cla.endpoints if g.priority == 1 for ep in g.lb_endpoints
+        ]
+
+    ten = translate_scale(mesh(10), default_policy(), OPTIONS)
+    assert priority_1(ten, "pod-03") == ["pod-04", "pod-05", "pod-06"]
+    assert priority_1(ten, "pod-09") == ["pod-00", "pod-01", "pod-02"]  # round the ring
+    eleven = translate_scale(mesh(11), default_policy(), OPTIONS)
+    before, after = _serialized(ten, CLUSTER), _serialized(eleven, CLUSTER)
+    changed = {n for n in before if before[n] != after[n]}
+    # pod-10 joins after pod-09: only the three pods before it list it
+    assert changed == {c(i) for i in ("pod-07", "pod-08", "pod-09") for c in (_pod, _rest_pod)}
