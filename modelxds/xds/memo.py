@@ -1,8 +1,10 @@
 """What a strategy object keeps from one translation to the next.
 
-Both keep only what the last translation used, so they hold about one config's worth
-and never grow with churn: an entry the current translation does not touch is gone
-after the next one.
+Both keep two generations, the current one and the one before: an entry unused for a
+whole generation is gone, so they hold about one config's worth and never grow with
+churn. A generation is a translation, or for a ``Memo`` with ``max_entries`` that many
+entries (for what a translation touches only in part, such as the routes of the few
+shard tables a push rebuilds).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ V = TypeVar("V")
 class Memo(Generic[K, V]):
     """``build(key)`` once per key while translations keep asking for it."""
 
-    def __init__(self, build: Callable[[K], V]) -> None:
+    def __init__(self, build: Callable[[K], V], max_entries: int | None = None) -> None:
         self._build = build
+        self._max_entries = max_entries
         self._last: dict[K, V] = {}
         self._now: dict[K, V] = {}
 
     def next_translation(self) -> None:
-        self._last, self._now = self._now, {}
+        if self._max_entries is None:
+            self._last, self._now = self._now, {}
 
     def __call__(self, key: K) -> V:
         try:
@@ -32,6 +36,8 @@ class Memo(Generic[K, V]):
             pass
         value = self._last[key] if key in self._last else self._build(key)
         self._now[key] = value
+        if self._max_entries is not None and len(self._now) >= self._max_entries:
+            self._last, self._now = self._now, {}
         return value
 
 

@@ -128,11 +128,13 @@ class ScaleStrategy:
         self.shards = shards
         self._reuse = Reuse()
         self._sharding: dict[str, _Sharding] = {}  # by namespace
-        self._on_match: Memo[tuple[str, ...], bytes] = Memo(_on_match)
+        # by pod set: a push rebuilds a few tables, whose other names kept their pods
+        self._on_match: Memo[tuple[str, ...], bytes] = Memo(_on_match, max_entries=1 << 19)
+        self._scope: Memo[str, scoped_route_pb2.ScopedRouteConfiguration] = Memo(build_scope)
 
     def __call__(self, placement: Placement, policy: Policy, options: Options) -> Resources:
         """Same contract as every strategy: same input, same bytes."""
-        for memo in (self._reuse, self._on_match):
+        for memo in (self._reuse, self._on_match, self._scope):
             memo.next_translation()
         clusters: dict[str, Message] = {}
         endpoints: dict[str, Message] = {}
@@ -164,7 +166,7 @@ class ScaleStrategy:
                 )
                 if d.rest_port is None:  # REST outside the V2 API, which nothing transcodes
                     name = f"{shard_prefix(listen_port, rest=True)}{NO_MODEL}"
-                    scopes[name] = build_scope(name)
+                    scopes[name] = self._scope(name)
                     routes[name] = self._table(name, _refusal_vhost(d), {}, {})
             # gRPC to the pods' gRPC port; REST, unless transcoded, to their REST proxy
             protocols = [(d.port, False)]
@@ -186,7 +188,7 @@ class ScaleStrategy:
                 for listen_port in d.listen_ports:
                     names = shard_names(shard_prefix(listen_port, rest=rest), self.shards)
                     for name in names:
-                        scopes[name] = build_scope(name)
+                        scopes[name] = self._scope(name)
                     for name, shard in zip(names[:-1], shards, strict=True):
                         routes[name] = self._reuse.get(
                             name, self._table, name, model_vhost, shard, pods
