@@ -9,7 +9,7 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
-	bench-build bench-stall compare clean
+	bench-build bench-stall bench-scale-large compare clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -68,6 +68,13 @@ bench-build: setup
 
 bench-stall: setup
 	$(PY) -m modelxds.bench.stall --out bench-results/stall.json
+
+# the scale strategy at 100,000 models / 500 pods and 300,000 / 8 (about 10 minutes, 6 GB)
+bench-scale-large: setup
+	$(PY) -m modelxds.bench.scale --sizes 100000x500 --strategies scale --concurrency 2,8 \
+		--gateways 0 --pushes 5 --convergence-sizes "" --out bench-results/scale-100k.json
+	$(PY) -m modelxds.bench.scale --sizes 300000x8 --strategies scale --concurrency 2 \
+		--gateways 0 --pushes 5 --convergence-sizes "" --out bench-results/scale-300k.json
 
 clean:
 	rm -rf $(VENV) $(MLVENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -270,10 +270,16 @@ async def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 ("plain", "subsets", "direct") if proto == "grpc" else ("plain", "subsets")
             )
         ]
-        # warm every path first (connections, channels between pods): not measured
+        # Warm every path (connections, channels between pods) and let the pods settle,
+        # unmeasured. Settling is most of it: ~500 requests after its models load, each
+        # MLServer runs its first full GC (110-130 ms stop-the-world on the benchmark
+        # machine; a node's is 20-30 ms), and it used to land in round 0 of whichever
+        # mode ran first (REST plain: p99 94 ms there, 10-12 ms after). Default: at
+        # least 1,000 requests a pod, and 30 s.
+        warmup = args.warmup or max(30.0, 1000 * args.pods / max(args.qps, 1))
         for proto, mode in plan:
             spec = _spec(mode, proto, gateways, holders, stack, args)
-            spec.duration = 2
+            spec.duration = max(2.0, warmup / len(plan))
             await run(spec)
         with Progress() as progress:
             bar = progress.add_task("A/B runs", total=len(plan) * args.rounds)
@@ -379,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-jitter", action="store_true")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument(
+        "--warmup",
+        default="",
+        help="unmeasured load before round 0, split over the modes (at least 2 s each), "
+        "to get past the pods' first full garbage collection after their models load; "
+        "default: 1,000 requests a pod at -qps, at least 30 s",
+    )
+    p.add_argument(
         "--gateway-workers",
         type=int,
         default=1,
@@ -398,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.protocols = [x for x in args.protocols.split(",") if x]
     args.duration = parse_duration(args.duration) / args.rounds
+    args.warmup = parse_duration(args.warmup) if args.warmup else 0.0
     if args.tool == "fortio" and shutil.which("fortio") is None:
         print("error: --tool fortio needs fortio on PATH", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import grpc
 from google.protobuf import json_format
 
-from modelxds.bench.stats import duration_histogram, summary_line
+from modelxds.bench.stats import duration_histogram, percentile, summary_line
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -46,15 +46,24 @@ class LoadSpec:
     models: list[str] = field(default_factory=list)
     # per model, where to send it instead of ``url`` (direct-to-holder runs)
     target: Callable[[str], str] | None = None
+    # -c 1 only: wake PRECISE_MARGIN early and sleep the rest blocking, so a request leaves
+    # ~0.1 ms after its slot instead of ~0.7-1.2 ms (epoll rounds asyncio's timers up to
+    # whole milliseconds); with more connections it would hold the others up
+    precise: bool = False
+
+
+PRECISE_MARGIN = 0.0025
 
 
 @dataclass
 class Recorder:
     latencies: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)  # send time - scheduled time
     codes: Counter[str] = field(default_factory=Counter)
 
-    def add(self, latency: float, code: str) -> None:
+    def add(self, latency: float, code: str, lag: float = 0.0) -> None:
         self.latencies.append(latency)
+        self.lags.append(lag)
         self.codes[code] += 1
 
 
@@ -65,6 +74,7 @@ async def run(spec: LoadSpec, progress: Callable[[float], None] | None = None) -
     start = time.perf_counter()
     end = start + spec.duration
     interval = spec.connections / spec.qps if spec.qps > 0 else 0.0
+    precise = spec.precise and spec.connections == 1
 
     async def connection(index: int) -> None:
         rnd = random.Random(index)
@@ -81,12 +91,18 @@ async def run(spec: LoadSpec, progress: Callable[[float], None] | None = None) -
                     slot += interval * rnd.uniform(-0.1, 0.1)
                 due = start + slot
                 if interval and due > time.perf_counter():
-                    await asyncio.sleep(due - time.perf_counter())
+                    margin = PRECISE_MARGIN if precise else 0.0
+                    if due - time.perf_counter() > margin:
+                        await asyncio.sleep(due - time.perf_counter() - margin)
+                    if precise and due > time.perf_counter():
+                        time.sleep(due - time.perf_counter())
                 scheduled = due if interval else time.perf_counter()
                 # random, not round robin: a cycle could line up with a round-robin
                 # balancer and make every request hit (or miss) a holder
-                code = await send(rnd.choice(names))
-                rec.add(time.perf_counter() - scheduled, code)
+                model = rnd.choice(names)
+                sent = time.perf_counter()
+                code = await send(model)
+                rec.add(time.perf_counter() - scheduled, code, sent - scheduled)
         finally:
             await send.close()
 
@@ -108,9 +124,18 @@ async def run(spec: LoadSpec, progress: Callable[[float], None] | None = None) -
         "ActualDuration": int(elapsed * 1e9),
         "ActualQPS": len(rec.latencies) / elapsed,
         "DurationHistogram": duration_histogram(rec.latencies),
+        # how late the generator itself sent (included in DurationHistogram): the same
+        # for every target, so it cancels in comparisons but not in absolute numbers
+        "SendLag": _lag_summary(rec.lags),
         "RetCodes": dict(rec.codes),
         "Samples": rec.latencies,  # raw, for merging runs; not part of fortio's JSON
     }
+
+
+def _lag_summary(lags: list[float]) -> dict[str, float]:
+    if not lags:
+        return {}
+    return {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "mean": sum(lags) / len(lags)}
 
 
 def _fill(text: str, model: str) -> str:
@@ -225,6 +250,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-grpc", action="store_true", help="KServe V2 gRPC ModelInfer")
     p.add_argument("-jitter", type=_bool, default=False, help="+-10%% on request spacing")
     p.add_argument("-json", default="", dest="json_out", help="write the result JSON here")
+    p.add_argument(
+        "-precise-pacing",
+        action="store_true",
+        dest="precise",
+        help="-c 1: send within ~0.1 ms of each slot (blocks the loop for the last 2.5 ms)",
+    )
 
 
 def _bool(text: str) -> bool:
@@ -259,6 +290,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         payload=payload,
         grpc=args.grpc,
         jitter=args.jitter,
+        precise=args.precise,
     )
 
 

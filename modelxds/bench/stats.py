@@ -68,10 +68,13 @@ def summary_line(result: dict[str, Any]) -> str:
         return "no requests completed"
     pct = {p["Percentile"]: p["Value"] * 1000 for p in h["Percentiles"]}
     codes = ", ".join(f"{k}: {v}" for k, v in sorted(result["RetCodes"].items()))
+    lag = result.get("SendLag") or {}
+    lag_text = f"; send lag p50 {lag['p50'] * 1000:.3f} ms" if lag else ""
     return (
         f"{h['Count']} requests, {result['ActualQPS']:.1f} qps; ms min {h['Min'] * 1000:.3f} "
         f"avg {h['Avg'] * 1000:.3f} p50 {pct[50.0]:.3f} p75 {pct[75.0]:.3f} p90 {pct[90.0]:.3f} "
         f"p99 {pct[99.0]:.3f} p99.9 {pct[99.9]:.3f} max {h['Max'] * 1000:.3f}; codes {{{codes}}}"
+        f"{lag_text}"
     )
 
 
