@@ -296,14 +296,18 @@ def retry_policy() -> route_components_pb2.RetryPolicy:
     return route_components_pb2.RetryPolicy(
         retry_on="connect-failure,refused-stream,reset",
         num_retries=wrappers_pb2.UInt32Value(value=2),
-        # a retry goes to another pod, so one that just died is left behind
+        # a retry goes to another pod, so one that just died is left behind: the load
+        # balancer picks again while it picks a host already tried, up to this many times,
+        # then takes it anyway. With two holders, one dead, a request fails when its try
+        # and both retries land on the dead one: 1 in 512 with 3 re-picks, 1 in 32,768
+        # with 6.
         retry_host_predicate=[
             route_components_pb2.RetryPolicy.RetryHostPredicate(
                 name="envoy.retry_host_predicates.previous_hosts",
                 typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
             )
         ],
-        host_selection_retry_max_attempts=3,
+        host_selection_retry_max_attempts=6,
     )
 
 
