@@ -22,7 +22,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
@@ -32,7 +32,7 @@ from modelxds.xds import cache as cache_module
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from modelxds.xds.server import AdsServer, Stream
-from tests.unit.xds_messages import assignment, cluster
+from tests.unit.xds_messages import assignment, cluster, route_table
 
 Request: TypeAlias = discovery_pb2.DiscoveryRequest
 Response: TypeAlias = discovery_pb2.DiscoveryResponse
@@ -80,24 +80,7 @@ def make_config(
                 ),
             )
         },
-        ROUTE: {
-            "models": route_pb2.RouteConfiguration(
-                name="models",
-                virtual_hosts=[
-                    route_components_pb2.VirtualHost(
-                        name="models",
-                        domains=["*"],
-                        routes=[
-                            route_components_pb2.Route(
-                                match=route_components_pb2.RouteMatch(prefix=prefix),
-                                route=route_components_pb2.RouteAction(cluster=target),
-                            )
-                            for prefix, target in routes.items()
-                        ],
-                    )
-                ],
-            )
-        },
+        ROUTE: {"models": route_table("models", routes)},
     }
 
 

@@ -7,7 +7,6 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 
@@ -16,10 +15,10 @@ from modelxds.placement.model import Placement
 from modelxds.policy import default_policy
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
-from modelxds.xds.ir import Options
+from modelxds.xds.ir import Options, Strategy
 from modelxds.xds.resources import CLUSTER, ENDPOINT, ROUTE
 from modelxds.xds.subset import SubsetStrategy
-from tests.unit.xds_messages import assignment, cluster
+from tests.unit.xds_messages import assignment, cluster, route_table
 
 
 def _clusters(*names: str) -> dict[str, dict[str, Message]]:
@@ -53,6 +52,18 @@ def _controller(
         quiet=quiet,
         max_delay=max_delay,
         translator=SubsetStrategy(),
+    )
+
+
+def _translating(translator: Strategy, cache: SnapshotCache | None = None) -> Controller:
+    """A controller whose configs come from ``translator``, not from a placement."""
+    return Controller(
+        Counting(),
+        asyncio.Event(),
+        default_policy(),
+        cache or SnapshotCache(),
+        Options(descriptor_set=descriptor_set_bytes()),
+        translator=translator,
     )
 
 
@@ -104,13 +115,8 @@ async def test_publish_fills_the_cache_with_every_resource_type() -> None:
 
 async def test_a_dropped_cluster_leaves_cds_when_its_time_is_up_without_a_change() -> None:
     configs = iter([_clusters("pod-a", "pod-b")])
-    controller = Controller(
-        Counting(),
-        asyncio.Event(),
-        default_policy(),
-        SnapshotCache(retire_after_s=0.3),
-        Options(descriptor_set=descriptor_set_bytes()),
-        translator=lambda *_: next(configs, _clusters("pod-a")),
+    controller = _translating(
+        lambda *_: next(configs, _clusters("pod-a")), SnapshotCache(retire_after_s=0.3)
     )
     await controller.publish()
     await controller.publish()  # pod-b dropped: it stays, its routes move first
@@ -132,14 +138,7 @@ async def test_a_slow_build_leaves_the_event_loop_free_for_ads_and_the_watch() -
         time.sleep(1.0)  # a cold translation at 100,000s of models, holding its thread
         return _clusters("pod-a")
 
-    controller = Controller(
-        Counting(),
-        asyncio.Event(),
-        default_policy(),
-        SnapshotCache(),
-        Options(descriptor_set=descriptor_set_bytes()),
-        translator=slow,
-    )
+    controller = _translating(slow)
     push = asyncio.create_task(controller.publish())
     worst, last = 0.0, time.monotonic()
     while not push.done():  # what an ADS stream or the etcd watch would wait for
@@ -176,32 +175,9 @@ async def test_an_isolated_change_goes_out_at_once_and_a_burst_in_a_few_pushes()
 async def test_a_config_with_a_dangling_reference_is_refused_and_the_last_good_one_serves() -> None:
     good = _clusters("pod-a")
     bad = _clusters("pod-a")
-    bad[ROUTE] = {
-        "8008": route_pb2.RouteConfiguration(
-            name="8008",
-            virtual_hosts=[
-                route_components_pb2.VirtualHost(
-                    name="v",
-                    domains=["*"],
-                    routes=[
-                        route_components_pb2.Route(
-                            match=route_components_pb2.RouteMatch(prefix="/"),
-                            route=route_components_pb2.RouteAction(cluster="pod-gone"),
-                        )
-                    ],
-                )
-            ],
-        )
-    }
+    bad[ROUTE] = {"8008": route_table("8008", {"/": "pod-gone"})}
     configs = iter([good, bad])
-    controller = Controller(
-        Counting(),
-        asyncio.Event(),
-        default_policy(),
-        SnapshotCache(),
-        Options(descriptor_set=descriptor_set_bytes()),
-        translator=lambda *_: next(configs),
-    )
+    controller = _translating(lambda *_: next(configs))
     await controller.publish()
     version = controller.cache.get(CLUSTER).version
     refused = REGISTRY.get_sample_value("modelxds_snapshots_refused_total") or 0.0

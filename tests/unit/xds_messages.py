@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf import duration_pb2
 
 
@@ -25,3 +26,23 @@ def assignment(
         ep.endpoint.address.socket_address.address = host
         ep.endpoint.address.socket_address.port_value = port
     return cla
+
+
+def route_table(name: str, routes: dict[str, str]) -> route_pb2.RouteConfiguration:
+    """One virtual host for every domain; routes: path prefix -> cluster."""
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=name,
+                domains=["*"],
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix=prefix),
+                        route=route_components_pb2.RouteAction(cluster=target),
+                    )
+                    for prefix, target in routes.items()
+                ],
+            )
+        ],
+    )
