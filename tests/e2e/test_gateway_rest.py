@@ -132,13 +132,22 @@ async def test_no_fallback_with_no_pod_left_answers_503_not_404(stack: Stack) ->
     for reg in stack.registrations:
         await reg.stop(revoke=True)  # every pod's lease, and so its records, gone
 
-    async def unavailable() -> bool:
-        status, _ = await _http(stack, "POST", f"/v2/models/{MODEL}/infer", _infer_body())
-        return status == 503
-
-    await wait_until(unavailable, 15, "the gateway to see no pod")
     client = Client(stack)
+
+    async def unavailable() -> bool:
+        # REST's and gRPC's routes are separate tables (scale strategy): Envoy may apply
+        # one a moment before the other, so wait for both to see no pod
+        status, _ = await _http(stack, "POST", f"/v2/models/{MODEL}/infer", _infer_body())
+        if status != 503:
+            return False
+        try:
+            await client.grpc("x", [("model", MODEL)])
+        except grpc.aio.AioRpcError:
+            return True
+        return False
+
     try:
+        await wait_until(unavailable, 15, "the gateway to see no pod")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.grpc("x", [("model", MODEL)])
     finally:
