@@ -62,6 +62,10 @@ class TypeSnapshot:
     version: str  # content hash: the same config gets the same version on any replica or restart
     resources: dict[str, bytes]  # name -> serialized Any
     _bodies: dict[frozenset[str] | None, bytes] = field(default_factory=dict, compare=False)
+    size: int = field(init=False, compare=False)  # bytes of every resource
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", sum(map(len, self.resources.values())))
 
     def response(self, names: frozenset[str] | None, nonce: str) -> bytes:
         """A serialized DiscoveryResponse with the named resources (None: all)."""

@@ -17,8 +17,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -69,6 +70,11 @@ class Stream:
     cluster: str = ""
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeState] = field(default_factory=dict)
+    # a turn to send large responses (see LARGE_RESPONSE): the types whose large response
+    # the gateway has yet to answer, and what ends the turn; one turn a stream, so a
+    # stream never waits for a second turn while holding one
+    unanswered: set[str] = field(default_factory=set)
+    end_turn: Callable[[], None] | None = None
 
 
 # Defaults of the limits: far above a deployment's gateways and a gateway's subscription
@@ -76,6 +82,16 @@ class Stream:
 # client cannot make the server hold unbounded state.
 MAX_STREAMS = 1000
 MAX_NAMES = 100_000
+# Each stream's response is a copy of its own (the nonce differs), which gRPC queues
+# whole however slowly the gateway reads: 100 gateways syncing a 20 MB config at once
+# held 2.2 GB. Responses this large (a gateway's first config, a re-sync) take turns,
+# a turn lasting until the gateway answers (ACK or NACK); a push's changes are small and
+# never wait. A gateway slower than LARGE_SEND_WAIT_S loses its turn, so one that stopped
+# reading holds the others back only so long (keepalive then ends its stream and frees
+# what gRPC queued for it).
+LARGE_RESPONSE = 1 << 20
+MAX_LARGE_SENDS = 16
+LARGE_SEND_WAIT_S = 10.0
 
 
 class AdsServer:
@@ -88,6 +104,7 @@ class AdsServer:
         self.max_streams = max_streams
         self.max_names = max_names
         self.streams: dict[int, Stream] = {}
+        self._large_sends = asyncio.Semaphore(MAX_LARGE_SENDS)
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
 
@@ -95,7 +112,7 @@ class AdsServer:
         method = grpc.stream_stream_rpc_method_handler(
             self._stream,
             request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-            response_serializer=bytes,  # the cache already holds serialized responses
+            response_serializer=_Response.take,  # the cache holds serialized responses
         )
         return grpc.method_handlers_generic_handler(
             "envoy.service.discovery.v3.AggregatedDiscoveryService",
@@ -106,7 +123,7 @@ class AdsServer:
         self,
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[_Response]:
         if len(self.streams) >= self.max_streams:
             log.warning(
                 "refused a gateway from %s: %d streams open", context.peer(), self.max_streams
@@ -155,10 +172,18 @@ class AdsServer:
                 # yields must not send RDS that names clusters its CDS did not have
                 snapshot = self.cache.snapshot()
                 for type_url in PUSH_ORDER:
-                    response = self._next_response(stream, type_url, snapshot[type_url])
-                    if response is not None:
-                        yield response
+                    snap = snapshot[type_url]
+                    names = self._next_response(stream, type_url, snap)
+                    if names is False:
+                        continue
+                    nonce = stream.types[type_url].nonce
+                    if _size(snap, names) < LARGE_RESPONSE:
+                        yield _Response(snap.response(names, nonce))
+                        continue
+                    await self._take_turn(stream, type_url)
+                    yield _Response(snap.response(names, nonce))
         finally:
+            _end_turn(stream)
             self.cache.unsubscribe(wake)
             reader.cancel()
             del self.streams[stream.id]
@@ -177,6 +202,8 @@ class AdsServer:
         short = SHORT_NAMES[type_url]
         if req.response_nonce and req.response_nonce != state.nonce:
             return  # answers a response we have since superseded; the newer one is pending
+        if req.response_nonce:
+            _answered(stream, type_url)
         if req.HasField("error_detail"):
             if state.nacked_version != state.sent_version:
                 log.error(
@@ -197,14 +224,32 @@ class AdsServer:
         names = list(req.resource_names)
         state.names = None if SnapshotCache.is_wildcard(type_url, names) else frozenset(names)
 
-    def _next_response(self, stream: Stream, type_url: str, snap: TypeSnapshot) -> bytes | None:
+    async def _take_turn(self, stream: Stream, type_url: str) -> None:
+        """Wait for a turn to send large responses, unless the stream holds one; it ends
+        when the gateway has answered them all, or LARGE_SEND_WAIT_S after it began."""
+        if stream.end_turn is None:
+            await self._large_sends.acquire()
+            timer = asyncio.get_running_loop().call_later(LARGE_SEND_WAIT_S, _end_turn, stream)
+
+            def end() -> None:
+                timer.cancel()
+                self._large_sends.release()
+
+            stream.end_turn = end
+        stream.unanswered.add(type_url)
+
+    def _next_response(
+        self, stream: Stream, type_url: str, snap: TypeSnapshot
+    ) -> frozenset[str] | Literal[False] | None:
+        """The names the next response for ``type_url`` carries (None: every resource),
+        with the stream's state advanced to it and its nonce set; False: nothing to send."""
         state = stream.types.get(type_url)
         if state is None:
-            return None  # the gateway has not asked for this type (yet)
+            return False  # the gateway has not asked for this type (yet)
         if not snap.version:
-            return None  # nothing translated yet: a gateway must not see an empty config
+            return False  # nothing translated yet: a gateway must not see an empty config
         if snap.version == state.sent_version and state.names == state.sent_names:
-            return None  # up to date, or this exact version was rejected
+            return False  # up to date, or this exact version was rejected
         state.sent_version, state.sent_names = snap.version, state.names
         # A replaced cluster (listener) warms until it gets endpoints (routes), and a
         # gateway re-asking for unchanged names would get no answer: send them again.
@@ -217,10 +262,45 @@ class AdsServer:
             # may be none at all: the response still carries the version to ACK
             names = frozenset(n for n in names if _changed(state.have.get(n), snap, n))
             state.have = {n: snap.resources[n] for n in state.names or () if n in snap.resources}
+        _answered(stream, type_url)  # the response this one supersedes needs no answer now
         state.nonce = str(next(self._nonces))
         state.responses += 1
         metrics.XDS_RESPONSES.labels(SHORT_NAMES[type_url]).inc()
-        return snap.response(names, state.nonce)
+        return names
+
+
+class _Response:
+    """A response on its way to gRPC, which keeps the last message a stream sent until the
+    stream sends the next: handing over the bytes, and keeping none, stops an idle
+    stream from pinning a whole config (100 gateways synced at 20,000 models held 2 GB)."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def take(self) -> bytes:
+        body, self.body = self.body, b""
+        return body
+
+
+def _answered(stream: Stream, type_url: str) -> None:
+    stream.unanswered.discard(type_url)
+    if not stream.unanswered:
+        _end_turn(stream)
+
+
+def _end_turn(stream: Stream) -> None:
+    end, stream.end_turn = stream.end_turn, None
+    stream.unanswered.clear()
+    if end is not None:
+        end()
+
+
+def _size(snap: TypeSnapshot, names: frozenset[str] | None) -> int:
+    if names is None:
+        return snap.size
+    return sum(len(snap.resources[n]) for n in names if n in snap.resources)
 
 
 def _changed(had: bytes | None, snap: TypeSnapshot, name: str) -> bool:

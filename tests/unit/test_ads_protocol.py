@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 import grpc
 import pytest
@@ -29,6 +29,7 @@ from google.rpc import status_pb2
 from prometheus_client import REGISTRY
 
 from modelxds.xds import cache as cache_module
+from modelxds.xds import server as server_module
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from modelxds.xds.server import AdsServer, Stream
@@ -678,9 +679,11 @@ async def test_one_response_cycle_sends_every_type_from_one_version(env: Env) ->
     newer = make_config(clusters={"model-c": 1}, routes={"/": "model-c"})
     respond = env.ads._next_response
 
-    def a_push_lands_mid_cycle(stream: Stream, type_url: str, snap: TypeSnapshot) -> bytes | None:
+    def a_push_lands_mid_cycle(
+        stream: Stream, type_url: str, snap: TypeSnapshot
+    ) -> frozenset[str] | Literal[False] | None:
         out = respond(stream, type_url, snap)
-        if type_url == CLUSTER and out is not None and "model-b" in snap.resources:
+        if type_url == CLUSTER and out is not False and "model-b" in snap.resources:
             env.cache.set(newer)  # while this cycle is still to send LDS and RDS
         return out
 
@@ -716,3 +719,69 @@ async def test_gateways_beyond_the_limit_and_oversized_subscriptions_are_refused
         await asyncio.wait_for(first._reader, WAIT)
     assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "eds request names 4 resources" in (oversized.value.details() or "")
+
+
+class _CountingSemaphore(asyncio.Semaphore):
+    def __init__(self, value: int) -> None:
+        super().__init__(value)
+        self.held = self.most = 0
+
+    async def acquire(self) -> Literal[True]:
+        await super().acquire()
+        self.held += 1
+        self.most = max(self.most, self.held)
+        return True
+
+    def release(self) -> None:
+        self.held -= 1
+        super().release()
+
+
+async def test_large_first_configs_go_out_a_few_streams_at_a_time(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "LARGE_RESPONSE", 1)  # every response counts as large
+    env.ads._large_sends = turns = _CountingSemaphore(2)
+    env.cache.set(make_config(clusters={f"model-{i}": 1 for i in range(50)}))
+    gateways = [env.gateway(f"gw-{i}") for i in range(12)]
+
+    async def sync(gw: Gateway) -> int:
+        gw.request(CLUSTER)
+        resp = await gw.recv()
+        gw.ack(resp)
+        return len(names_in(resp))
+
+    assert await asyncio.gather(*map(sync, gateways)) == [50] * 12
+    await eventually(lambda: turns.held == 0)
+    assert turns.most == 2
+
+
+async def test_a_large_response_holds_its_turn_until_the_gateway_answers(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "LARGE_RESPONSE", 1)
+    env.ads._large_sends = asyncio.Semaphore(1)
+    env.cache.set(make_config())
+    first, second = env.gateway("gw-1"), env.gateway("gw-2")
+    first.request(CLUSTER)
+    cds = await first.recv()
+    second.request(CLUSTER)
+    await second.expect_nothing()  # gw-1 is still applying its config
+    first.ack(cds)
+    assert names_in(await second.recv()) == ["model-a"]
+
+
+async def test_a_gateway_that_never_answers_delays_the_others_only_so_long(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "LARGE_RESPONSE", 1)
+    monkeypatch.setattr(server_module, "LARGE_SEND_WAIT_S", 0.3)
+    env.ads._large_sends = asyncio.Semaphore(1)
+    env.cache.set(make_config())
+    silent, other = env.gateway("gw-1"), env.gateway("gw-2")
+    silent.request(CLUSTER)
+    await silent.recv()  # and never ACKs
+    started = time.monotonic()
+    other.request(CLUSTER)
+    assert names_in(await other.recv()) == ["model-a"]
+    assert time.monotonic() - started >= 0.25
