@@ -78,3 +78,9 @@ bench-scale-large: setup
 
 clean:
 	rm -rf $(VENV) $(MLVENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results
+
+# The container image for Kubernetes (docs/kubernetes.md); needs Docker with BuildKit.
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+.PHONY: image
+image:
+	docker build -t modelxds:$(VERSION) .

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import yaml
 
+from modelxds.labeler.labels import DEFAULT_MAX_MODEL_LABELS
 from modelxds.modelmesh import DEFAULT_ROOT_PREFIX, DEFAULT_SERVICE_NAME, Layout
 from modelxds.placement.etcd import EtcdConfigError, EtcdConnection
 from modelxds.placement.model import DEFAULT_LOADED_AFTER_MS, Placement
@@ -44,7 +45,7 @@ def _add(p: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
         raw = os.environ[env]
         if kw.get("action") == "append":
             kw["default"] = [v.strip() for v in raw.split(",") if v.strip()]
-        elif kw.get("action") == "store_true":
+        elif kw.get("action") in ("store_true", argparse.BooleanOptionalAction):
             kw["default"] = raw.lower() in ("1", "true", "yes")
         else:
             try:
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--policy",
         "DestinationRule/VirtualService YAML file or directory (default: the built-in "
-        "seed policy: subset key modelmesh.asm.alibabacloud.com, header 'model', port 8008)",
+        "seed policy: subset key modelmesh.asm.alibabacloud.com, header 'model', port 8008; "
+        "none with --kubernetes)",
     )
     _add(
         serve,
@@ -157,6 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
         "serve a policy that routes no port, which removes every gateway listener",
         action="store_true",
         default=False,
+    )
+    _add(
+        serve,
+        "--kubernetes",
+        "read the DestinationRule / VirtualService objects of modelxds.io (manifests/crds) "
+        "from Kubernetes, follow their changes and report on each in its status; with "
+        "--policy, files and objects together",
+        action="store_true",
+        default=False,
+    )
+    _add(
+        serve,
+        "--kubeconfig",
+        "kubeconfig for --kubernetes (default: the pod's service account in a cluster, else "
+        "$KUBECONFIG or ~/.kube/config)",
+    )
+    _add(
+        serve,
+        "--watch-namespace",
+        "namespace whose objects --kubernetes reads; repeat (or comma-separate in env) for "
+        "several (default: the namespaces of the root prefixes)",
+        action="append",
     )
     _add(
         serve,
@@ -229,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=50,
     )
 
+    _label_parser(sub)
+
     boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap (YAML) for a gateway")
     _add(boot, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
     _add(boot, "--node-id", "the gateway's node id (shown in modelxds logs)", default="gateway")
@@ -270,6 +296,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _label_parser(sub: Any) -> None:
+    label = sub.add_parser(
+        "label",
+        help="keep ModelMesh pods' labels in sync with the models routable on them",
+    )
+    _etcd_flags(label)
+    _add(
+        label,
+        "--policy",
+        "DestinationRule/VirtualService YAML file or directory, as for serve: its subset key "
+        "prefixes the labels (default: the built-in seed policy, modelmesh.asm.alibabacloud.com)",
+    )
+    _add(label, "--kubeconfig", "kubeconfig file (default: in-cluster config, else ~/.kube/config)")
+    _add(
+        label,
+        "--max-model-labels",
+        "model labels per pod at most; beyond them <key>/overflow=true and <key>/model-count "
+        "(the <key>/models annotation always lists every name)",
+        type=int,
+        default=DEFAULT_MAX_MODEL_LABELS,
+    )
+    _add(
+        label,
+        "--patch-interval-ms",
+        "patch each pod at most once in this long; changes meanwhile go out together",
+        type=int,
+        default=1000,
+    )
+    _add(
+        label,
+        "--leader-elect",
+        "patch only while holding the Lease, so that replicas never fight",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+    )
+    _add(label, "--lease-name", "the Lease for leader election", default="modelxds-labeler")
+    _add(
+        label,
+        "--lease-namespace",
+        "namespace of the Lease (default: env POD_NAMESPACE, else the first watched namespace)",
+    )
+    _add(
+        label,
+        "--metrics-address",
+        "Prometheus /metrics HOST:PORT (empty: off)",
+        default="0.0.0.0:9092",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -299,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from modelxds.bench.compare import main as compare_main
 
         return compare_main(args.rest)
+    if args.command == "label":
+        from modelxds.labeler.run import label
+
+        return asyncio.run(label(args, _layouts(args)))
     from modelxds.serve import serve
 
     return asyncio.run(serve(args, _layouts(args)))

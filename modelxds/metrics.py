@@ -42,3 +42,49 @@ POLICY_RELOADS = Counter(
     "Policy reloads on SIGHUP, by result (applied, or rejected: the last good one serves)",
     ["result"],
 )
+POLICY_OBJECTS = Gauge(
+    "modelxds_policy_objects",
+    "DestinationRule / VirtualService objects watched in Kubernetes (serve --kubernetes), "
+    "by kind and whether accepted (false: invalid or colliding, see its status)",
+    ["kind", "accepted"],
+)
+POLICY_WATCH_RESTARTS = Counter(
+    "modelxds_policy_watch_restarts_total",
+    "Watches of DestinationRule / VirtualService objects started again, by kind and reason "
+    "(expired: 410 Gone, re-listed; error: retried with backoff)",
+    ["kind", "reason"],
+)
+POLICY_STATUS_WRITES = Counter(
+    "modelxds_policy_status_writes_total",
+    "Status patches of DestinationRule / VirtualService objects, by result (written, failed)",
+    ["result"],
+)
+LABELER_PATCHES = Counter(
+    "modelxds_labeler_patches_total",
+    "Pod label patches sent, by outcome: applied, conflict (409, retried), throttled (429, "
+    "retried after Retry-After), gone (404, the pod is skipped), failed (retried)",
+    ["outcome"],
+)
+LABELER_LAG_SECONDS = Histogram(
+    "modelxds_labeler_lag_seconds",
+    "From the placement snapshot that changed a pod's labels to the patch being applied",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+LABELER_PODS = Gauge(
+    "modelxds_labeler_pods",
+    "Runtime pods the labeler keeps labels on (matched to a live ModelMesh instance)",
+    ["namespace"],
+)
+LABELER_OVERFLOWING_PODS = Gauge(
+    "modelxds_labeler_overflowing_pods",
+    "Pods with more routable names than --max-model-labels (labeled overflow)",
+    ["namespace"],
+)
+LABELER_LEADER = Gauge(
+    "modelxds_labeler_leader", "1 while this labeler holds the Lease and patches pods"
+)
+LABELER_POD_WATCH_RESTARTS = Counter(
+    "modelxds_labeler_pod_watch_restarts_total",
+    "Times the pod list was fetched again, by reason: gone (410), relist, error",
+    ["reason"],
+)

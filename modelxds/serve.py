@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -16,7 +15,8 @@ from modelxds import metrics
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import Layout
 from modelxds.placement.watch import PlacementWatcher
-from modelxds.policy import PolicyError, default_policy, load_policy
+from modelxds.policy import Policy, PolicyError, default_policy, load_policy
+from modelxds.tasks import run_until, stop_on_signals
 from modelxds.xds import csds
 from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
@@ -38,15 +38,27 @@ def strategy(name: str) -> Strategy:
 
 
 async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:
+    # With --kubernetes, objects may complete what the files leave out: the whole is
+    # checked when the objects are read.
+    files_may_be_empty = args.allow_empty_policy or args.kubernetes
     try:
-        policy = (
-            load_policy(args.policy, allow_empty=args.allow_empty_policy)
-            if args.policy
-            else default_policy()
-        )
+        files = load_policy(args.policy, allow_empty=files_may_be_empty) if args.policy else None
     except PolicyError as e:
         log.error("invalid policy:\n%s", e)
         return 2
+    # --kubernetes without files: nothing is served before the objects are read
+    policy = Policy((), ()) if args.kubernetes else default_policy()
+    if files is not None:
+        policy = files
+    api = None
+    if args.kubernetes:
+        from modelxds.kube import KubernetesConfigError, api_client
+
+        try:
+            api = api_client(args.kubeconfig)
+        except KubernetesConfigError as e:
+            log.error("%s", e)
+            return 2
     from modelxds.cli import etcd_connection
     from modelxds.placement.etcd import EtcdUnavailable
 
@@ -76,6 +88,18 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         max_delay=args.debounce_max_ms / 1000,
         translator=strategy(args.strategy),
     )
+    rules = None
+    if api is not None:
+        from modelxds.policy.kubernetes import PolicyWatcher
+
+        rules = PolicyWatcher(
+            api,
+            args.watch_namespace or [ns for ns, _ in layouts],
+            controller.set_policy,
+            base=files,
+            allow_empty=args.allow_empty_policy,
+        )
+        controller.on_published = rules.published
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", -1),
@@ -103,6 +127,8 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
 
     async def publish_when_synced() -> None:
         await watcher.synced.wait()
+        if rules is not None:
+            await rules.ready.wait()  # the objects are read: the first config has them
         await controller.publish()  # the first config goes out without debounce delay
         await controller.run()
 
@@ -113,7 +139,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
             log.warning("SIGHUP: no --policy to reload; the built-in seed policy stays")
             return
         try:
-            new = load_policy(args.policy, allow_empty=args.allow_empty_policy)
+            new = load_policy(args.policy, allow_empty=files_may_be_empty)
         except PolicyError as e:
             metrics.POLICY_RELOADS.labels("rejected").inc()
             log.error(
@@ -122,26 +148,17 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
             return
         metrics.POLICY_RELOADS.labels("applied").inc()
         log.info("SIGHUP: policy reloaded from %s", args.policy)
-        controller.set_policy(new)
+        if rules is not None:
+            rules.set_base(new)  # read again with the objects
+        else:
+            controller.set_policy(new)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_policy)
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(publish_when_synced())]
+    stop = stop_on_signals()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy)
+    jobs = [watcher.run(), publish_when_synced()] + ([rules.run()] if rules is not None else [])
     try:
-        stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not stopped and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+        await run_until(stop, *jobs)
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
         await server.stop(grace=1)
         log.info("stopped")
     return 0

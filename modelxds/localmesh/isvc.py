@@ -53,8 +53,9 @@ class InferenceService:
         )
 
 
-def parse_isvcs(text: str, source: str) -> list[InferenceService]:
-    """InferenceService documents in ``text``; other kinds are skipped."""
+def parse_isvcs(text: str, source: str, *, required: bool = True) -> list[InferenceService]:
+    """InferenceService documents in ``text``; other kinds are skipped. None at all is an
+    error unless not ``required``."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d]
     except yaml.YAMLError as e:
@@ -70,7 +71,7 @@ def parse_isvcs(text: str, source: str) -> list[InferenceService]:
             errors.append(str(e))
     if errors:
         raise InferenceServiceError("\n".join(errors))
-    if not out:
+    if not out and required:
         raise InferenceServiceError(f"{source}: no InferenceService documents")
     return out
 
@@ -162,10 +163,11 @@ def read_files(paths: list[str]) -> list[InferenceService]:
     out = []
     for p in paths:
         path = Path(p)
-        files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
-        for f in files:
+        folder = path.is_dir()
+        for f in sorted(path.glob("*.y*ml")) if folder else [path]:
             try:
-                out.extend(parse_isvcs(f.read_text(), str(f)))
+                # a folder of manifests holds other files too (kustomization.yaml, rules)
+                out.extend(parse_isvcs(f.read_text(), str(f), required=not folder))
             except OSError as e:
                 raise InferenceServiceError(f"{f}: {e.strerror}") from None
     return out

@@ -62,6 +62,8 @@ class Stack:
     etcd_port: int = 0
     listen_address: str = "127.0.0.1"
     policy_text: str | None = None
+    # False: serve gets no --policy file (its rules come from Kubernetes, in serve_args)
+    policy_file: bool = True
     serve_args: tuple[str, ...] = ()
     # "sample": in-process stand-in pods that answer with their name (control-plane tests);
     # "mlserver": mesh nodes, one process each, with a real MLServer runtime
@@ -247,6 +249,7 @@ class Stack:
     async def _start_serve(self) -> None:
         policy = self.workdir / "policy.yaml"
         policy.write_text(self.policy_text or seed_policy(self.gateway_port, self.pod_port))
+        policy_args = ("--policy", str(policy)) if self.policy_file else ()
         proc = processes.spawn(
             "modelxds",
             [
@@ -260,8 +263,7 @@ class Stack:
                 self.layout.root_prefix,
                 "--service-name",
                 self.layout.service_name,
-                "--policy",
-                str(policy),
+                *policy_args,
                 "--xds-address",
                 f"127.0.0.1:{self.xds_port}",
                 "--metrics-address",

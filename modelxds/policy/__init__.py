@@ -1,7 +1,14 @@
 """Routing policy: DestinationRule / VirtualService documents in Alibaba ASM's
 dynamic-subset form, read into immutable values."""
 
-from modelxds.policy.loader import PolicyError, default_policy, load_policy, parse_policy
+from modelxds.policy.loader import (
+    ObjectKey,
+    PolicyError,
+    default_policy,
+    load_policy,
+    parse_policy,
+    read_objects,
+)
 from modelxds.policy.model import (
     DestinationRule,
     FallbackPolicy,
@@ -17,6 +24,7 @@ __all__ = [
     "FallbackPolicy",
     "HeaderToKey",
     "HttpRoute",
+    "ObjectKey",
     "Policy",
     "PolicyError",
     "SubsetSelector",
@@ -24,4 +32,5 @@ __all__ = [
     "default_policy",
     "load_policy",
     "parse_policy",
+    "read_objects",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,75 @@ def load_policy(path: str | os.PathLike[str], *, allow_empty: bool = False) -> P
 def default_policy() -> Policy:
     """The built-in seed policy, used when the user gives none."""
     return parse_policy(SEED_POLICY_YAML, SEED_SOURCE)
+
+
+# (kind, namespace, name): a Kubernetes object's identity
+ObjectKey = tuple[str, str, str]
+
+KUBERNETES_SOURCE = "kubernetes"
+
+
+def object_key(data: Mapping[str, Any]) -> ObjectKey:
+    metadata = data.get("metadata")
+    meta: Mapping[str, Any] = metadata if isinstance(metadata, Mapping) else {}
+    return (
+        str(data.get("kind") or ""),
+        str(meta.get("namespace") or "default"),
+        str(meta.get("name") or ""),
+    )
+
+
+def read_objects(
+    objects: Iterable[Mapping[str, Any]], *, base: Policy | None = None
+) -> tuple[Policy, dict[ObjectKey, list[str]]]:
+    """Kubernetes objects read one at a time into a policy beside ``base`` (the policy
+    files', already checked whole); returns the policy and, for every object given, its
+    problems ([]: it is in the policy).
+
+    Each object is checked alone, as a document of a file is, then against ``base`` and
+    the objects taken before it: DestinationRules first, then VirtualServices, each kind
+    oldest first (creationTimestamp, then namespace/name). So of two objects that collide
+    the older one wins, whatever order they arrived in. An invalid or colliding object is
+    left out; the others still form the policy, which may route no port.
+    """
+    taken = [
+        _Doc(kind, _where_in_file(obj, kind), obj)
+        for kind, objs in (
+            ("DestinationRule", base.destination_rules if base else ()),
+            ("VirtualService", base.virtual_services if base else ()),
+        )
+        for obj in objs
+    ]
+    problems: dict[ObjectKey, list[str]] = {}
+    readable: list[tuple[tuple[int, str, str, str], ObjectKey, _Doc]] = []
+    for data in objects:
+        key = object_key(data)
+        errors: list[str] = []
+        doc = _read_document(dict(data), KUBERNETES_SOURCE, "", errors)
+        problems[key] = errors
+        if doc.obj is not None:
+            created = data["metadata"].get("creationTimestamp") or ""
+            # RFC 3339 in UTC, as the API server writes it, sorts as text
+            order = (_KINDS.index(doc.kind), str(created), key[1], key[2])
+            readable.append((order, key, doc))
+    readable.sort(key=lambda item: item[0])
+    for _, key, doc in readable:
+        # taken is free of conflicts, so whatever the check finds is about this object
+        conflicts = _cross_check([*taken, doc])
+        if conflicts:
+            problems[key] = conflicts
+        else:
+            taken.append(doc)
+    policy = Policy(
+        destination_rules=tuple(d.obj for d in taken if isinstance(d.obj, DestinationRule)),
+        virtual_services=tuple(d.obj for d in taken if isinstance(d.obj, VirtualService)),
+    )
+    return policy, problems
+
+
+def _where_in_file(obj: DestinationRule | VirtualService, kind: str) -> str:
+    file, _, index = obj.source.rpartition("#")
+    return f"{file} document {index} ({kind} {obj.namespace}/{obj.name})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +251,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _read_document(data: object, file: str, index: str, errors: list[str]) -> _Doc:
-    """Read one document (``index``: its place in the file, e.g. "2" or "1 item 3")."""
-    at = f"{file} document {index}"
+    """Read one document (``index``: its place in the file, e.g. "2" or "1 item 3"; empty
+    for an object that is not in a file, `file` then names where it came from)."""
+    at = f"{file} document {index}" if index else file
     if not isinstance(data, dict):
         errors.append(
             f"{at}: expected a Kubernetes object (a mapping with apiVersion, kind, metadata "
@@ -225,7 +296,7 @@ def _read_document(data: object, file: str, index: str, errors: list[str]) -> _D
     spec = r.section(data, "spec", "spec", required=True)
     obj: DestinationRule | VirtualService | None = None
     if spec is not None:
-        source = f"{file}#{index}"
+        source = f"{file}#{index}" if index else r.where
         if kind == "DestinationRule":
             obj = _destination_rule(r, spec, name or "", namespace, source)
         else:

@@ -56,6 +56,8 @@ class Controller:
         self.placement: Placement | None = None
         self.references = ReferenceCheck()
         self._pushed_at = -float("inf")  # time.monotonic() when the last push went in
+        # told the policy each published config was built from (Kubernetes status)
+        self.on_published: Callable[[Policy], None] | None = None
 
     def set_policy(self, policy: Policy) -> None:
         """Serve ``policy`` from the next push on (debounced like a placement change)."""
@@ -100,6 +102,8 @@ class Controller:
             )
             return
         self.cache.announce(changed)
+        if self.on_published is not None:
+            self.on_published(policy)
         elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
         metrics.SNAPSHOTS.inc()

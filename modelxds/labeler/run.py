@@ -1,0 +1,113 @@
+"""`modelxds label`: etcd watch -> placement -> pod labels, leader-elected, plus /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+from prometheus_client import start_http_server
+
+from modelxds.kube import KubernetesConfigError, api_client
+from modelxds.labeler.labels import LabelerConfigError, subset_key
+from modelxds.labeler.leader import Leadership, default_identity
+from modelxds.labeler.sync import Labeler, Target
+from modelxds.modelmesh import Layout
+from modelxds.placement.watch import PlacementWatcher
+from modelxds.policy import PolicyError, default_policy, load_policy
+from modelxds.tasks import run_until, stop_on_signals
+from modelxds.xds.bootstrap import split_address
+
+log = logging.getLogger(__name__)
+
+
+def targets(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> list[Target]:
+    """What to label in each watched namespace; `LabelerConfigError` or `PolicyError`."""
+    # only the DestinationRules matter here: a policy that routes no port is fine
+    policy = load_policy(args.policy, allow_empty=True) if args.policy else default_policy()
+    return [
+        Target(ns, layout.service_name, subset_key(policy, ns, layout.service_name))
+        for ns, layout in layouts
+    ]
+
+
+async def label(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:
+    try:
+        wanted = targets(args, layouts)
+        if args.max_model_labels < 0:
+            raise LabelerConfigError(f"--max-model-labels must be >= 0: {args.max_model_labels}")
+        if args.patch_interval_ms <= 0:
+            raise LabelerConfigError(f"--patch-interval-ms must be > 0: {args.patch_interval_ms}")
+    except PolicyError as e:
+        log.error("invalid policy:\n%s", e)
+        return 2
+    except LabelerConfigError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        api = api_client(args.kubeconfig)
+    except KubernetesConfigError as e:
+        log.error("%s", e)
+        return 2
+    from modelxds.cli import etcd_connection
+    from modelxds.placement.etcd import EtcdUnavailable
+
+    watcher = PlacementWatcher(etcd_connection(args), layouts, loaded_after_ms=args.loaded_after_ms)
+    try:
+        await watcher.check(timeout=3.0)
+    except EtcdUnavailable as e:
+        if e.fatal:
+            log.error("%s", e)
+            return 2
+        log.warning("%s; starting anyway, retrying in the background", e)
+
+    if not log.isEnabledFor(logging.DEBUG):
+        # the library logs every try of every follower at INFO; ours logs the changes
+        logging.getLogger("leaderelection").setLevel(logging.WARNING)
+    leadership = None
+    if args.leader_elect:
+        lease_namespace = (
+            args.lease_namespace or os.environ.get("POD_NAMESPACE") or wanted[0].namespace
+        )
+        leadership = Leadership(
+            api_client(args.kubeconfig),  # a client of its own: it lives in its own thread
+            name=args.lease_name,
+            namespace=lease_namespace,
+            identity=default_identity(),
+        )
+    labeler = Labeler(
+        api,
+        wanted,
+        max_model_labels=args.max_model_labels,
+        patch_interval=args.patch_interval_ms / 1000,
+        may_patch=leadership.may_patch if leadership else lambda: True,
+    )
+    if args.metrics_address:
+        host, port = split_address(args.metrics_address, "0.0.0.0")
+        start_http_server(port, host)
+    election = "no leader election"
+    if leadership is not None:
+        election = f"lease {leadership.namespace}/{leadership.name} as {leadership.identity}"
+    log.info(
+        "labeling pods of %s; watching etcd %s; %s",
+        ", ".join(f"{t.namespace}/{t.service} under {t.key}/" for t in wanted),
+        args.etcd,
+        election,
+    )
+    stop = stop_on_signals()
+    if leadership is not None:
+        leadership.start(labeler.leadership_changed)
+    try:
+        await run_until(
+            stop,
+            watcher.run(),
+            labeler.follow(watcher.capture, watcher.changed, watcher.synced),
+            labeler.run(),
+        )
+    finally:
+        if leadership is not None:
+            await asyncio.to_thread(leadership.stop)
+        log.info("stopped")
+    return 0
