@@ -204,9 +204,21 @@ async def many_gateways(
     clients.start()
     try:
         every = [t for t in PUSH_ORDER if cache.get(t).resources]  # the types in the config
+        peak = rss_before
+
+        async def sample_peak() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, _rss_mb_self())
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample_peak())
+        synced_at = time.perf_counter()
         while len(ads.streams) < gateways:
             await asyncio.sleep(0.05)
         await _all_acked(ads, cache, every)
+        sync_s = time.perf_counter() - synced_at
+        sampler.cancel()
         rss_synced = _rss_mb_self()
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -226,6 +238,9 @@ async def many_gateways(
             "push_to_all_acked_ms": round(wall / pushes * 1000, 1),
             "server_cpu_seconds_per_push": round(cpu / pushes, 3),
             "server_rss_mb_without_gateways": round(rss_before, 1),
+            # all gateways connecting at once: their first configs in flight together
+            "server_rss_mb_peak_while_syncing": round(peak, 1),
+            "all_synced_s": round(sync_s, 2),
             "server_rss_mb_synced": round(rss_synced, 1),
             "server_rss_mb_after_pushes": round(_rss_mb_self(), 1),
             "server_mb_per_gateway": round((_rss_mb_self() - rss_before) / gateways, 2),
@@ -406,7 +421,8 @@ def main() -> None:
                     f"{g['server_cpu_seconds_per_push']} s/push, server RSS "
                     f"{g['server_rss_mb_without_gateways']} -> {g['server_rss_mb_synced']} "
                     f"-> {g['server_rss_mb_after_pushes']} MB "
-                    f"({g['server_mb_per_gateway']} MB a gateway)",
+                    f"({g['server_mb_per_gateway']} MB a gateway); all synced in "
+                    f"{g['all_synced_s']} s, peak {g['server_rss_mb_peak_while_syncing']} MB",
                     flush=True,
                 )
                 results["gateways"].append(g)
