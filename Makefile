@@ -9,7 +9,7 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
-	bench-build bench-stall bench-scale-large compare clean
+	bench-build bench-stall bench-scale-large bench-first-config compare clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -75,6 +75,10 @@ bench-scale-large: setup
 		--gateways 0 --pushes 5 --convergence-sizes "" --out bench-results/scale-100k.json
 	$(PY) -m modelxds.bench.scale --sizes 300000x8 --strategies scale --concurrency 2 \
 		--gateways 0 --pushes 5 --convergence-sizes "" --out bench-results/scale-300k.json
+
+# where a fresh Envoy's first config goes at 100,000 / 500 (about 3 minutes, 3 GB)
+bench-first-config: setup
+	$(PY) -m modelxds.bench.firstconfig --size 100000x500 --out bench-results/first-config.json
 
 clean:
 	rm -rf $(VENV) $(MLVENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results
