@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
@@ -22,6 +23,9 @@ from modelxds.policy.model import REST_PORT_ANNOTATION
 from modelxds.xds.ir import RestMode
 from modelxds.xds.resources import PUSH_ORDER, SHORT_NAMES
 from modelxds.xds.server import MAX_NAMES, MAX_STREAMS
+
+if TYPE_CHECKING:
+    from modelxds.placement.watch import PlacementWatcher
 
 DEFAULT_NAMESPACE = "modelmesh-serving"
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -162,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         serve,
+        "--policy-poll-ms",
+        "how often --policy files are checked for changes, which are then loaded as on "
+        "SIGHUP (0: only on SIGHUP)",
+        type=int,
+        default=2000,
+    )
+    _add(
+        serve,
         "--kubernetes",
         "read the DestinationRule / VirtualService objects of modelxds.io (manifests/crds) "
         "from Kubernetes, follow their changes and report on each in its status; with "
@@ -254,18 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _label_parser(sub)
+    _epp_parser(sub)
 
     boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap (YAML) for a gateway")
     _add(boot, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
     _add(boot, "--node-id", "the gateway's node id (shown in modelxds logs)", default="gateway")
     _add(boot, "--admin-address", "Envoy admin HOST:PORT", default="127.0.0.1:15000")
     _add(boot, "--cluster", "the gateway's node cluster", default="modelxds-gateway")
+    _epp_bootstrap_flags(boot)
 
     status = sub.add_parser(
-        "status", help="per gateway and type: config sent, accepted (ACK) or rejected (NACK)"
+        "status",
+        help="per gateway and type: config sent, accepted (ACK) or rejected (NACK), and for "
+        "how long the gateway has been behind",
     )
     _add(status, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
     _add(status, "--json", "machine-readable output", action="store_true", default=False)
+    _inspect_parser(sub)
 
     mesh = sub.add_parser("mesh", help="the local ModelMesh-compatible mesh: InferenceServices")
     mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
@@ -285,15 +302,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add(mstatus, "--json", "machine-readable output", action="store_true", default=False)
 
     bench = sub.add_parser(
-        "bench", help="load generator and benchmarks: `bench load --help`, `bench compare --help`"
+        "bench",
+        help="load generator and benchmarks: `bench load --help`, `bench compare --help`, "
+        "`bench report --help`",
     )
-    bench.add_argument("tool", choices=["load", "compare"])
+    bench.add_argument("tool", choices=["load", "compare", "report"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own flags")
 
     show = sub.add_parser("placement", help="print the placement modelxds sees in etcd")
     _etcd_flags(show)
+    _add(
+        show,
+        "--model",
+        "only this model id or InferenceService name: its copies and the pods it routes to "
+        "(exit 1 if etcd has no such name)",
+    )
     _add(show, "--json", "machine-readable output", action="store_true", default=False)
     return parser
+
+
+def _inspect_parser(sub: Any) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="where a gateway's Envoy sends each model (its admin API); with --etcd or "
+        "--etcd-connection, the drift from the live placement (exit 1 on drift)",
+    )
+    _add(inspect, "--admin", "the gateway's Envoy admin URL", default="http://127.0.0.1:15000")
+    _add(inspect, "--model", "only this model id or InferenceService name")
+    _add(inspect, "--json", "machine-readable output", action="store_true", default=False)
+    _etcd_flags(inspect)
+    _add(
+        inspect,
+        "--policy",
+        "the DestinationRule/VirtualService YAML serve uses, which says which listener port "
+        "serves which namespace (default: the built-in seed policy)",
+    )
 
 
 def _label_parser(sub: Any) -> None:
@@ -345,6 +388,95 @@ def _label_parser(sub: Any) -> None:
     )
 
 
+def _epp_parser(sub: Any) -> None:
+    from modelxds.epp.server import DEFAULT_EPP_ADDRESS, DEFAULT_TARGET_PORT
+
+    epp = sub.add_parser(
+        "epp",
+        help="endpoint picker (Envoy ext_proc) for Gateway API Inference Extension gateways: "
+        "each request to a pod that holds its model",
+    )
+    _etcd_flags(epp)
+    _add(
+        epp,
+        "--policy",
+        "DestinationRule/VirtualService YAML file or directory, as for serve: the fallback "
+        "and the model headers (default: the built-in seed policy)",
+    )
+    _add(
+        epp, "--epp-address", "ext_proc gRPC listen address HOST:PORT", default=DEFAULT_EPP_ADDRESS
+    )
+    _add(
+        epp,
+        "--target-port",
+        "the pool's target port on the pods (InferencePool targetPorts)",
+        type=_port,
+        default=DEFAULT_TARGET_PORT,
+    )
+    _add(epp, "--plaintext", "serve without TLS", action="store_true", default=False)
+    _add(epp, "--cert-file", "TLS certificate PEM (default: a self-signed one made at start)")
+    _add(epp, "--key-file", "TLS private key PEM, with --cert-file")
+    _add(
+        epp,
+        "--metrics-address",
+        "Prometheus /metrics HOST:PORT (empty: off)",
+        default="0.0.0.0:9090",
+    )
+
+
+def _epp_bootstrap_flags(boot: argparse.ArgumentParser) -> None:
+    from modelxds.xds.bootstrap import APP_PROTOCOLS, FAILURE_MODES
+
+    _add(
+        boot,
+        "--epp",
+        "print instead the bootstrap of a gateway in front of an endpoint picker at HOST:PORT "
+        "(modelxds epp), as GIE gateways are built: ext_proc filter, override_host pool",
+    )
+    _add(
+        boot, "--epp-plaintext", "reach the picker without TLS", action="store_true", default=False
+    )
+    _add(
+        boot,
+        "--epp-failure-mode",
+        "when the picker fails: FailOpen lets the pool's round robin pick, FailClose answers 5xx",
+        choices=FAILURE_MODES,
+        default="FailClose",
+    )
+    _add(
+        boot,
+        "--pool-endpoint",
+        "a pod of the pool, IP:PORT, repeatable; or NAME:PORT of a headless Service (STRICT_DNS)",
+        action="append",
+    )
+    _add(
+        boot,
+        "--app-protocol",
+        "the pool's protocol (InferencePool appProtocol): kubernetes.io/h2c (gRPC) or http",
+        choices=APP_PROTOCOLS,
+        default=APP_PROTOCOLS[0],
+    )
+    _add(boot, "--listen-address", "address the gateway's listener binds", default="0.0.0.0")
+    _add(boot, "--listen-port", "the gateway's listener port", type=_port, default=8008)
+
+
+def _epp_bootstrap(args: argparse.Namespace) -> dict[str, Any]:
+    from modelxds.xds.bootstrap import epp_bootstrap
+
+    return epp_bootstrap(
+        args.epp,
+        args.pool_endpoint or [],
+        admin_address=args.admin_address,
+        listen_address=args.listen_address,
+        listen_port=args.listen_port,
+        node_id=args.node_id,
+        cluster=args.cluster,
+        epp_plaintext=args.epp_plaintext,
+        failure_mode=args.epp_failure_mode,
+        app_protocol=args.app_protocol,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -354,7 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from modelxds.xds.bootstrap import bootstrap
 
         try:
-            doc = bootstrap(args.xds, args.node_id, args.admin_address, cluster=args.cluster)
+            doc = (
+                _epp_bootstrap(args)
+                if args.epp
+                else bootstrap(args.xds, args.node_id, args.admin_address, cluster=args.cluster)
+            )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -364,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_placement(args))
     if args.command == "status":
         return _status(args)
+    if args.command == "inspect":
+        return asyncio.run(_inspect(args))
     if args.command == "mesh":
         return asyncio.run(_mesh(args))
     if args.command == "bench":
@@ -371,9 +509,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from modelxds.bench.load import main as load_main
 
             return load_main(args.rest)
+        if args.tool == "report":
+            from modelxds.bench.report import main as report_main
+
+            return report_main(args.rest)
         from modelxds.bench.compare import main as compare_main
 
         return compare_main(args.rest)
+    if args.command == "epp":
+        from modelxds.epp.server import epp
+
+        return asyncio.run(epp(args, _layouts(args)))
     if args.command == "label":
         from modelxds.labeler.run import label
 
@@ -394,7 +540,8 @@ def _why(e: BaseException, args: argparse.Namespace) -> str:
     return str(e)
 
 
-async def _placement(args: argparse.Namespace) -> int:
+async def _read_etcd(args: argparse.Namespace) -> PlacementWatcher | None:
+    """A watcher that has read etcd once; None (the reason printed) if it could not."""
     from modelxds.placement.watch import PlacementWatcher
 
     watcher = PlacementWatcher(
@@ -404,7 +551,23 @@ async def _placement(args: argparse.Namespace) -> int:
         await asyncio.wait_for(watcher.list_once(), 30)
     except Exception as e:
         print(f"error: cannot read etcd at {args.etcd}: {_why(e, args)}", file=sys.stderr)
+        return None
+    return watcher
+
+
+async def _placement(args: argparse.Namespace) -> int:
+    watcher = await _read_etcd(args)
+    if watcher is None:
         return 1
+    if args.model:
+        from modelxds.inspect import format_holders, holders_report
+
+        holders = holders_report(watcher.snapshot(), args.model)
+        if not holders:
+            print(f"no model or InferenceService {args.model!r} in etcd", file=sys.stderr)
+            return 1
+        print(json.dumps(holders, indent=2) if args.json else format_holders(args.model, holders))
+        return 0
     report = placement_report(
         watcher.snapshot(), watcher.invalid_records(), watcher.ignored_fields()
     )
@@ -413,6 +576,27 @@ async def _placement(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    from modelxds import inspect
+    from modelxds.policy import PolicyError, default_policy, load_policy
+
+    try:
+        policy = load_policy(args.policy) if args.policy else default_policy()
+        strategy, routes = await asyncio.to_thread(inspect.read_gateway, args.admin)
+    except (PolicyError, inspect.AdminError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    drift = None
+    if args.etcd or args.etcd_connection:
+        watcher = await _read_etcd(args)
+        if watcher is None:
+            return 2
+        drift = inspect.find_drift(routes, watcher.snapshot(), policy, args.model)
+    doc = inspect.report(strategy, routes, args.model, drift)
+    print(json.dumps(doc, indent=2) if args.json else inspect.format_report(args.admin, doc))
+    return 1 if drift else 0
 
 
 async def _mesh(args: argparse.Namespace) -> int:
@@ -490,10 +674,12 @@ def _status(args: argparse.Namespace) -> int:
         print("no gateways connected")
     else:
         width = max(len(r["gateway"]) for r in rows)
-        print(f"{'GATEWAY':<{width}}  " + "  ".join(f"{t:<24}" for t in _TYPES.values()).rstrip())
+        types = "  ".join(f"{t:<24}" for t in _TYPES.values())
+        print(f"{'GATEWAY':<{width}}  {'BEHIND':<8}  {types}".rstrip())
         for r in rows:
-            cells = "  ".join(f"{r[t]:<24}" for t in _TYPES.values()).rstrip()
-            print(f"{r['gateway']:<{width}}  {cells}")
+            cells = "  ".join(f"{r[t]:<24}" for t in _TYPES.values())
+            behind = "-" if r["behind_seconds"] is None else f"{r['behind_seconds']:.1f}s"
+            print(f"{r['gateway']:<{width}}  {behind:<8}  {cells}".rstrip())
             for error in r["errors"]:
                 print(f"{'':<{width}}  {error}")
     return 0
@@ -503,15 +689,23 @@ def _status(args: argparse.Namespace) -> int:
 _TYPES = {t: SHORT_NAMES[t].upper() for t in PUSH_ORDER}
 
 
-def status_rows(resp: Any) -> list[dict[str, Any]]:
-    """One row per gateway: the worst status per type (NACKED > STALE > NOT SENT > SYNCED)."""
+def status_rows(resp: Any, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per gateway: the worst status per type (NACKED > STALE > NOT SENT > SYNCED),
+    and for how long (seconds, by the clock ``now``) it has been behind."""
     from envoy.service.status.v3 import csds_pb2
 
+    now = time.time() if now is None else now
     rank = {"ERROR": 0, "STALE": 1, "NOT_SENT": 2, "SYNCED": 3, "UNKNOWN": 4}
     rows = []
     for config in resp.config:
         worst: dict[str, tuple[int, str]] = {}
         errors = []
+        # the server stamps an entry the gateway is behind on with when it fell behind
+        since = [
+            x.last_updated.ToNanoseconds() / 1e9
+            for x in config.generic_xds_configs
+            if x.HasField("last_updated")
+        ]
         for x in config.generic_xds_configs:
             kind = _TYPES.get(x.type_url, x.type_url)
             status = csds_pb2.ConfigStatus.Name(x.config_status)
@@ -523,6 +717,7 @@ def status_rows(resp: Any) -> list[dict[str, Any]]:
                 errors.append(f"{kind} {x.name}: {x.error_state.details}")
         row: dict[str, Any] = {"gateway": config.node.id or "(unnamed)"}
         row.update({kind: worst.get(kind, (0, "NOT REQUESTED"))[1] for kind in _TYPES.values()})
+        row["behind_seconds"] = round(max(0.0, now - min(since)), 3) if since else None
         row["errors"] = sorted(set(errors))
         rows.append(row)
     return rows

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from prometheus_client import start_http_server
@@ -14,9 +15,8 @@ from prometheus_client import start_http_server
 from modelxds import metrics
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import Layout
-from modelxds.placement.watch import PlacementWatcher
 from modelxds.policy import Policy, PolicyError, default_policy, load_policy
-from modelxds.tasks import run_until, stop_on_signals
+from modelxds.tasks import checked_watcher, run_until, stop_on_signals
 from modelxds.xds import csds
 from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
@@ -35,6 +35,17 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {"subset": SubsetStrategy, "scal
 def strategy(name: str) -> Strategy:
     """A fresh translator for ``--strategy``."""
     return STRATEGIES[name]()
+
+
+def policy_fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
+    """What changes when the policy files do: name, mtime and size of each (following
+    symlinks); an unreadable path is a fingerprint of its own, so its return is a change."""
+    root = Path(path)
+    try:
+        files = sorted(root.iterdir()) if root.is_dir() else [root]
+        return tuple((f.name, (st := f.stat()).st_mtime_ns, st.st_size) for f in files)
+    except OSError:
+        return ()
 
 
 async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -> int:
@@ -59,17 +70,9 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         except KubernetesConfigError as e:
             log.error("%s", e)
             return 2
-    from modelxds.cli import etcd_connection
-    from modelxds.placement.etcd import EtcdUnavailable
-
-    watcher = PlacementWatcher(etcd_connection(args), layouts, loaded_after_ms=args.loaded_after_ms)
-    try:
-        await watcher.check(timeout=3.0)
-    except EtcdUnavailable as e:
-        if e.fatal:  # a wrong password or CA fails now, not as endless retries later
-            log.error("%s", e)
-            return 2
-        log.warning("%s; serving anyway, retrying in the background", e)
+    watcher = await checked_watcher(args, layouts)
+    if watcher is None:
+        return 2
     cache = SnapshotCache()
     ads = AdsServer(cache, max_streams=args.max_gateways, max_names=args.max_names)
     controller = Controller(
@@ -132,30 +135,43 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         await controller.publish()  # the first config goes out without debounce delay
         await controller.run()
 
-    def reload_policy() -> None:
-        """SIGHUP: a valid policy replaces the one served; an invalid one is reported and
-        the last good one keeps serving."""
+    def reload_policy(why: str) -> None:
+        """A valid policy replaces the one served; an invalid one is reported and the last
+        good one keeps serving."""
         if not args.policy:
-            log.warning("SIGHUP: no --policy to reload; the built-in seed policy stays")
+            log.warning("%s: no --policy to reload; the built-in seed policy stays", why)
             return
         try:
             new = load_policy(args.policy, allow_empty=files_may_be_empty)
         except PolicyError as e:
             metrics.POLICY_RELOADS.labels("rejected").inc()
             log.error(
-                "SIGHUP: %s is invalid, the last good policy keeps serving:\n%s", args.policy, e
+                "%s: %s is invalid, the last good policy keeps serving:\n%s", why, args.policy, e
             )
             return
         metrics.POLICY_RELOADS.labels("applied").inc()
-        log.info("SIGHUP: policy reloaded from %s", args.policy)
+        log.info("%s: policy reloaded from %s", why, args.policy)
         if rules is not None:
             rules.set_base(new)  # read again with the objects
         else:
             controller.set_policy(new)
 
+    async def reload_on_change() -> None:
+        """Poll the policy files: a ConfigMap mount changes them by swapping a symlink,
+        which no signal announces."""
+        seen = policy_fingerprint(args.policy)
+        while True:
+            await asyncio.sleep(args.policy_poll_ms / 1000)
+            now = policy_fingerprint(args.policy)
+            if now != seen:
+                seen = now
+                reload_policy(f"{args.policy} changed")
+
     stop = stop_on_signals()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, "SIGHUP")
     jobs = [watcher.run(), publish_when_synced()] + ([rules.run()] if rules is not None else [])
+    if args.policy and args.policy_poll_ms > 0:
+        jobs.append(reload_on_change())
     try:
         await run_until(stop, *jobs)
     finally:

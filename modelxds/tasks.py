@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
+
+from modelxds.modelmesh import Layout
+from modelxds.placement.etcd import EtcdUnavailable
+from modelxds.placement.watch import PlacementWatcher
+
+log = logging.getLogger(__name__)
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -34,3 +42,22 @@ async def run_until(stop: asyncio.Event, *coroutines: Coroutine[Any, Any, Any]) 
         for t in [stopped, *tasks]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+async def checked_watcher(
+    args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]
+) -> PlacementWatcher | None:
+    """The placement watcher every command runs, from the etcd flags; None (after logging
+    why) when etcd refuses for good: a wrong password or CA fails at start, not as endless
+    retries later. An etcd that is only unreachable is retried in the background."""
+    from modelxds.cli import etcd_connection
+
+    watcher = PlacementWatcher(etcd_connection(args), layouts, loaded_after_ms=args.loaded_after_ms)
+    try:
+        await watcher.check(timeout=3.0)
+    except EtcdUnavailable as e:
+        if e.fatal:
+            log.error("%s", e)
+            return None
+        log.warning("%s; starting anyway, retrying in the background", e)
+    return watcher

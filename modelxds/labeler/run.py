@@ -15,9 +15,8 @@ from modelxds.labeler.labels import LabelerConfigError, subset_key
 from modelxds.labeler.leader import Leadership, default_identity
 from modelxds.labeler.sync import Labeler, Target
 from modelxds.modelmesh import Layout
-from modelxds.placement.watch import PlacementWatcher
 from modelxds.policy import PolicyError, default_policy, load_policy
-from modelxds.tasks import run_until, stop_on_signals
+from modelxds.tasks import checked_watcher, run_until, stop_on_signals
 from modelxds.xds.bootstrap import split_address
 
 log = logging.getLogger(__name__)
@@ -51,17 +50,9 @@ async def label(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     except KubernetesConfigError as e:
         log.error("%s", e)
         return 2
-    from modelxds.cli import etcd_connection
-    from modelxds.placement.etcd import EtcdUnavailable
-
-    watcher = PlacementWatcher(etcd_connection(args), layouts, loaded_after_ms=args.loaded_after_ms)
-    try:
-        await watcher.check(timeout=3.0)
-    except EtcdUnavailable as e:
-        if e.fatal:
-            log.error("%s", e)
-            return 2
-        log.warning("%s; starting anyway, retrying in the background", e)
+    watcher = await checked_watcher(args, layouts)
+    if watcher is None:
+        return 2
 
     if not log.isEnabledFor(logging.DEBUG):
         # the library logs every try of every follower at INFO; ours logs the changes

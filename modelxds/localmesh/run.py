@@ -97,6 +97,7 @@ async def main(
     shutil.rmtree(workdir / "etcd-data", ignore_errors=True)
     stack = Stack(
         workdir,
+        policy_poll_ms=2000,  # edit .run/policy.yaml and it is applied
         pods=args.pods,
         pod_port=args.pod_port,
         gateway_port=args.gateway_port,

@@ -24,7 +24,7 @@ from modelxds.modelmesh import Layout
 from modelxds.modelmesh.registrar import PodRegistration, etcd_client
 from modelxds.placement.watch import PlacementWatcher
 from modelxds.policy.seed import SEED_POLICY_YAML
-from modelxds.xds.bootstrap import bootstrap
+from modelxds.xds.bootstrap import bootstrap, epp_bootstrap
 
 SEED_GATEWAY_PORT = 8008
 SEED_POD_PORT = 8033
@@ -64,6 +64,8 @@ class Stack:
     policy_text: str | None = None
     # False: serve gets no --policy file (its rules come from Kubernetes, in serve_args)
     policy_file: bool = True
+    # serve --policy-poll-ms: 0 (reload on SIGHUP only) keeps tests that signal exact
+    policy_poll_ms: int = 0
     serve_args: tuple[str, ...] = ()
     # "sample": in-process stand-in pods that answer with their name (control-plane tests);
     # "mlserver": mesh nodes, one process each, with a real MLServer runtime
@@ -74,6 +76,11 @@ class Stack:
     node_ports: tuple[int, int, int] | None = None
     lease_ttl: int = 10
     gateway_workers: int = 2  # the gateway Envoy's --concurrency
+    # "xds": `modelxds serve` programs the gateway; "epp": the gateway is a static
+    # bootstrap (`modelxds bootstrap --epp`) asking `modelxds epp` for each request
+    gateway_kind: str = "xds"
+    epp_failure_mode: str = "FailClose"
+    epp_gateways: list[EppGateway] = field(default_factory=list)
     nodes: dict[str, processes.Process] = field(default_factory=dict)
     node_metrics_ports: dict[str, int] = field(default_factory=dict)
     layout: Layout = field(default_factory=Layout)
@@ -126,15 +133,23 @@ class Stack:
             else:
                 for i in range(self.pods):
                     await self.add_pod(i)
-            await self._start_serve()
-            self.processes.append(
-                processes.start_envoy(
-                    "envoy",
-                    bootstrap(f"127.0.0.1:{self.xds_port}", "gateway-0", self.admin),
-                    self.workdir,
-                    concurrency=self.gateway_workers,
+            if self.gateway_kind == "epp":
+                await self.add_epp_gateway(
+                    self.pod_port,
+                    gateway_port=self.gateway_port,
+                    admin_port=self.admin_port,
+                    metrics_port=self.metrics_port,
                 )
-            )
+            else:
+                await self._start_serve()
+                self.processes.append(
+                    processes.start_envoy(
+                        "envoy",
+                        bootstrap(f"127.0.0.1:{self.xds_port}", "gateway-0", self.admin),
+                        self.workdir,
+                        concurrency=self.gateway_workers,
+                    )
+                )
             await self._wait_gateway_listening()
         except BaseException:
             await self.stop()
@@ -246,6 +261,17 @@ class Stack:
                 return b, r
         raise KeyError(instance_id)
 
+    def stop_serve(self) -> None:
+        """Stop `modelxds serve`: the gateways keep their last config, cut off from the
+        control plane, until start_serve."""
+        for proc in [p for p in self.processes if p.name == "modelxds"]:
+            proc.stop()
+            self.processes.remove(proc)
+
+    async def start_serve(self) -> None:
+        """`modelxds serve` again, on the same ports, after stop_serve."""
+        await self._start_serve()
+
     async def _start_serve(self) -> None:
         policy = self.workdir / "policy.yaml"
         policy.write_text(self.policy_text or seed_policy(self.gateway_port, self.pod_port))
@@ -272,12 +298,73 @@ class Stack:
                 self.listen_address,
                 "--rest-port",
                 str(self.rest_port),
+                "--policy-poll-ms",
+                str(self.policy_poll_ms),
                 *self.serve_args,
             ],
             self.workdir,
         )
         self.processes.append(proc)
         await asyncio.to_thread(processes.wait_for_port, proc, "127.0.0.1", self.xds_port)
+
+    async def add_epp_gateway(
+        self,
+        target_port: int,
+        *,
+        app_protocol: str = "kubernetes.io/h2c",
+        gateway_port: int = 0,
+        admin_port: int = 0,
+        metrics_port: int = 0,
+        policy_text: str | None = None,
+        failure_mode: str | None = None,
+    ) -> EppGateway:
+        """`modelxds epp` for the pods' ``target_port`` and an Envoy from `modelxds bootstrap
+        --epp` in front of it; the pool is the pods started so far. The policy is the
+        stack's unless ``policy_text`` is given."""
+        n = len(self.epp_gateways)
+        gw = EppGateway(
+            epp_port=processes.free_port(),
+            gateway_port=gateway_port or processes.free_port(),
+            admin_port=admin_port or processes.free_port(),
+            metrics_port=metrics_port or processes.free_port(),
+        )
+        policy = self.workdir / f"policy-epp-{n}.yaml"
+        policy.write_text(
+            policy_text or self.policy_text or seed_policy(self.gateway_port, self.pod_port)
+        )
+        gw.epp = processes.spawn(
+            f"epp-{n}",
+            [
+                sys.executable,
+                *("-m", "modelxds.cli", "epp", "--etcd", self.etcd_url),
+                *("--root-prefix", self.layout.root_prefix),
+                *("--service-name", self.layout.service_name, "--policy", str(policy)),
+                *("--epp-address", f"127.0.0.1:{gw.epp_port}", "--plaintext"),
+                *("--target-port", str(target_port)),
+                *("--metrics-address", f"127.0.0.1:{gw.metrics_port}"),
+            ],
+            self.workdir,
+        )
+        self.processes.append(gw.epp)
+        await asyncio.to_thread(processes.wait_for_port, gw.epp, "127.0.0.1", gw.epp_port)
+        indexes = range(self.pods)
+        config = epp_bootstrap(
+            f"127.0.0.1:{gw.epp_port}",
+            [f"{pod_host(i)}:{target_port}" for i in indexes],
+            admin_address=f"127.0.0.1:{gw.admin_port}",
+            listen_address=self.listen_address,
+            listen_port=gw.gateway_port,
+            node_id=f"epp-gateway-{n}",
+            epp_plaintext=True,
+            failure_mode=failure_mode or self.epp_failure_mode,
+            app_protocol=app_protocol,
+        )
+        gw.envoy = processes.start_envoy(
+            f"envoy-epp-{n}", config, self.workdir, concurrency=self.gateway_workers
+        )
+        self.processes.append(gw.envoy)
+        self.epp_gateways.append(gw)
+        return gw
 
     async def _wait_gateway_listening(self, timeout: float = 30) -> None:
         async def listening() -> bool:
@@ -309,6 +396,25 @@ class Stack:
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+
+
+@dataclass
+class EppGateway:
+    """An endpoint picker and the Envoy that asks it (`Stack.add_epp_gateway`)."""
+
+    epp_port: int
+    gateway_port: int
+    admin_port: int
+    metrics_port: int
+    epp: processes.Process | None = None
+    envoy: processes.Process | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
+    def metrics(self) -> str:
+        return processes.admin_get(f"127.0.0.1:{self.metrics_port}", "/metrics")
 
 
 async def wait_until(

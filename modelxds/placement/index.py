@@ -68,6 +68,10 @@ class MeshIndex:
         self._pods_of: dict[str, tuple[str, ...]] = {}
         self._vmodels_by_active: defaultdict[str, set[str]] = defaultdict(set)
         self._due: list[tuple[int, str]] = []  # (epoch ms, model id), may hold stale entries
+        # copies of all models by state (Copies' fields), and routable ones: kept as models
+        # change, so reporting them costs nothing per push
+        self.copies = dict.fromkeys(Copies._fields, 0)
+        self.routable_copies = 0
 
     def refresh(
         self,
@@ -149,7 +153,10 @@ class MeshIndex:
         changes: Changes,
         dirty_pods: set[str],
     ) -> None:
-        before = self._copies[model_id].routable if model_id in self._copies else ()
+        had = self._copies.get(model_id)
+        if had is not None:
+            self._count(had, -1)
+        before = had.routable if had is not None else ()
         for iid in self._pods_of.pop(model_id, ()):
             self._models_by_pod[iid].discard(model_id)
         if rec is None:
@@ -158,6 +165,7 @@ class MeshIndex:
         else:
             copies, due = classify(rec, self._live, now_ms, self.loaded_after_ms)
             self._copies[model_id] = copies
+            self._count(copies, 1)
             after = copies.routable
             pods = tuple(rec.instance_ids)
             if rec.failed_in:
@@ -170,6 +178,11 @@ class MeshIndex:
         if before != after:
             self._move(model_id, before, after, dirty_pods)
             changes.vmodels.update(self._vmodels_by_active.get(model_id, ()))
+
+    def _count(self, copies: Copies, sign: int) -> None:
+        for state, pods in zip(Copies._fields, copies, strict=True):
+            self.copies[state] += sign * len(pods)
+        self.routable_copies += sign * len(copies.routable)
 
     def _refresh_vmodel(
         self, vmodel_id: str, rec: VModelRecord | None, dirty_pods: set[str]

@@ -154,6 +154,9 @@ class Placement:
 
     meshes: Mapping[str, MeshPlacement] = field(default_factory=dict)
     revision: int = 0  # etcd revision the snapshot reflects
+    # time.monotonic() when the watch received the oldest etcd change this snapshot is the
+    # first to reflect; None: none (a copy loaded by the clock, a policy change)
+    changed_at: float | None = field(default=None, compare=False)
 
     @property
     def next_transition_ms(self) -> int | None:

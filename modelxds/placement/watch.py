@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -152,6 +153,9 @@ class PlacementWatcher:
         self._watch_healthy = False  # the current watch delivered an event or progress
         self.revision = 0
         self.changed = asyncio.Event()
+        # time.monotonic() of the oldest change the next capture takes (None: none yet):
+        # where the convergence of a pushed version is measured from
+        self._changed_at: float | None = None
         self.synced = asyncio.Event()
         self._prefixes = [
             (prefix, tables) for tables in self.tables for prefix in tables.layout.watch_prefixes()
@@ -170,9 +174,12 @@ class PlacementWatcher:
         is read old or new, and is marked changed for the next snapshot either way.
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        revision = self.revision
+        revision, changed_at, self._changed_at = self.revision, self._changed_at, None
         jobs = []
         for t, index in zip(self.tables, self._indexes, strict=True):
+            skipped = Counter(p[0] for key in t.invalid if (p := t.layout.parse_key(key)))
+            for table in Table:
+                metrics.SKIPPED_RECORDS.labels(t.namespace, table.value).set(skipped[table])
             changes, t.changes = t.changes, Changes()
             # the dicts themselves: a re-list replaces them, and this build reads the ones
             # its changes came from
@@ -185,8 +192,12 @@ class PlacementWatcher:
                 mesh = index.refresh(changes, registry, vmodels, instances, litelinks, now_ms)
                 meshes[namespace] = mesh
                 metrics.MODELS.labels(namespace).set(len(registry))
+                metrics.VMODELS.labels(namespace).set(len(mesh.vmodels))
                 metrics.INSTANCES.labels(namespace).set(len(mesh.instances))
-            return Placement(MappingProxyType(meshes), revision)
+                for state, count in index.copies.items():
+                    metrics.MODEL_COPIES.labels(namespace, state).set(count)
+                metrics.ROUTABLE_COPIES.labels(namespace).set(index.routable_copies)
+            return Placement(MappingProxyType(meshes), revision, changed_at)
 
         return build
 
@@ -337,6 +348,7 @@ class PlacementWatcher:
         metadata = (*(await self._session.metadata() or ()), *REQUIRE_LEADER)
         async for resp in watch.Watch(outgoing(), metadata=metadata):
             if resp.compact_revision:
+                metrics.ETCD_COMPACTIONS.inc()
                 raise _Relist(f"revision {self.revision + 1} compacted to {resp.compact_revision}")
             if resp.canceled:
                 if "permission denied" in resp.cancel_reason or "auth" in resp.cancel_reason:
@@ -351,6 +363,9 @@ class PlacementWatcher:
                 continue
             tables = self._prefixes[resp.watch_id - 1][1]
             changed = False
+            deletes = sum(ev.type == rpc.Event.DELETE for ev in resp.events)
+            metrics.ETCD_EVENTS.labels("delete").inc(deletes)
+            metrics.ETCD_EVENTS.labels("put").inc(len(resp.events) - deletes)
             for ev in resp.events:
                 value = None if ev.type == rpc.Event.DELETE else ev.kv.value
                 changed |= self._apply(tables, ev.kv.key, value)
@@ -372,6 +387,8 @@ class PlacementWatcher:
         self.revision = max(self.revision, revision)
         metrics.ETCD_REVISION.set(self.revision)
         if changed:
+            if self._changed_at is None:
+                self._changed_at = time.monotonic()
             self.changed.set()
 
 

@@ -76,3 +76,46 @@ def bootstrap(
 
 def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+# InferencePool spec.appProtocol: HTTP/2 cleartext to the pods (gRPC), or HTTP/1.1
+APP_PROTOCOLS = ("kubernetes.io/h2c", "http")
+FAILURE_MODES = ("FailOpen", "FailClose")
+
+
+def epp_bootstrap(
+    epp_address: str,
+    pool_endpoints: list[str],
+    *,
+    admin_address: str = "127.0.0.1:15000",
+    listen_address: str = "0.0.0.0",
+    listen_port: int = 8008,
+    node_id: str = "gateway",
+    cluster: str = "modelxds-gateway",
+    epp_plaintext: bool = False,
+    failure_mode: str = "FailClose",
+    app_protocol: str = "kubernetes.io/h2c",
+) -> dict[str, Any]:
+    """A static Envoy bootstrap in the shape the GIE implementations build (Istio's):
+    the ``ext_proc`` filter calls the endpoint picker at ``epp_address`` and the pool's
+    load balancer is ``override_host``, which sends the request to the picked
+    ``ip:port`` (its list's next entries on retries) and falls back to round robin."""
+    from modelxds.epp.gateway import gateway_bootstrap  # the Envoy API messages live there
+
+    if failure_mode not in FAILURE_MODES:
+        raise ValueError(f"failure mode must be one of {', '.join(FAILURE_MODES)}")
+    if app_protocol not in APP_PROTOCOLS:
+        raise ValueError(f"app protocol must be one of {', '.join(APP_PROTOCOLS)}")
+    if not pool_endpoints:
+        raise ValueError("give the pool's pods: --pool-endpoint IP:PORT (or a DNS name:PORT)")
+    return gateway_bootstrap(
+        split_address(epp_address),
+        [split_address(e) for e in pool_endpoints],
+        admin=split_address(admin_address),
+        listen=(listen_address, listen_port),
+        node_id=node_id,
+        cluster=cluster,
+        epp_tls=not epp_plaintext,
+        failure_mode_allow=failure_mode == "FailOpen",
+        http2=app_protocol == "kubernetes.io/h2c",
+    )

@@ -62,6 +62,9 @@ class TypeSnapshot:
     version: str  # content hash: the same config gets the same version on any replica or restart
     resources: dict[str, bytes]  # name -> serialized Any
     _bodies: dict[frozenset[str] | None, bytes] = field(default_factory=dict, compare=False)
+    published_at: float = field(default_factory=time.time, compare=False)  # wall clock
+    # time.monotonic() of the oldest etcd change this version is the first to contain
+    changed_at: float | None = field(default=None, compare=False)
     size: int = field(init=False, compare=False)  # bytes of every resource
 
     def __post_init__(self) -> None:
@@ -139,8 +142,9 @@ class SnapshotCache:
         self.announce(changed)
         return changed
 
-    def store(self, resources: Resources) -> list[str]:
+    def store(self, resources: Resources, changed_at: float | None = None) -> list[str]:
         """Serialize and swap in a new config; returns the type URLs whose content changed.
+        ``changed_at``: when the etcd change it is built from was seen (Placement's).
 
         Any thread, one call at a time: streams read the config as one reference swapped
         whole, so they see the old or the new one, and are woken by ``announce``.
@@ -172,7 +176,7 @@ class SnapshotCache:
             version = _version((name, digest) for name, (_, _, digest) in built.items())
             if version != types[type_url].version:
                 serialized = {name: blob for name, (_, blob, _) in built.items()}
-                types[type_url] = TypeSnapshot(type_url, version, serialized)
+                types[type_url] = TypeSnapshot(type_url, version, serialized, changed_at=changed_at)
                 changed.append(type_url)
         self._types = MappingProxyType(types)
         return changed

@@ -18,6 +18,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from modelxds import metrics
 from modelxds.placement.model import Placement
@@ -30,6 +31,16 @@ from modelxds.xds.references import ReferenceCheck
 Capture = Callable[[], Callable[[], Placement]]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _timed(stage: str, step: Callable[[], T]) -> T:
+    started = time.perf_counter()
+    try:
+        return step()
+    finally:
+        metrics.SNAPSHOT_STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
 
 
 class Controller:
@@ -78,12 +89,17 @@ class Controller:
             if cold:
                 gc.disable()
             try:
-                placement = build()
-                resources = self.translator(placement, policy, self.options)
-                problems = self.references.problems(resources)
+                placement = _timed("placement", build)
+                resources = _timed(
+                    "translate", lambda: self.translator(placement, policy, self.options)
+                )
+                problems = _timed("check", lambda: self.references.problems(resources))
                 if problems:
                     return placement, [], problems
-                return placement, self.cache.store(resources), []
+                changed = _timed(
+                    "serialize", lambda: self.cache.store(resources, placement.changed_at)
+                )
+                return placement, changed, []
             finally:
                 if cold:
                     gc.enable()
@@ -118,8 +134,10 @@ class Controller:
     async def run(self) -> None:
         while True:
             await self._wait_for_change()
-            if time.monotonic() - self._pushed_at < self.quiet:
+            noticed = time.monotonic()
+            if noticed - self._pushed_at < self.quiet:
                 await self._debounce()  # a burst under way: coalesce what follows
+            metrics.DEBOUNCE_WAIT_SECONDS.observe(time.monotonic() - noticed)
             self._changed.clear()
             await self.publish()
 

@@ -2,7 +2,9 @@
 
 The view `istioctl proxy-status` gives for Istio: per connected gateway and per
 resource type, the version sent, whether the gateway ACKed or NACKed it (with its
-error), and whether it is behind the current config.
+error), and whether it is behind the current config. An entry the gateway is behind
+on (STALE, NACKED, NOT_SENT) carries in ``last_updated`` when it fell behind: when the
+oldest version it has yet to ACK was published.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from modelxds.xds.resources import PUSH_ORDER
-from modelxds.xds.server import AdsServer, Stream
+from modelxds.xds.server import AdsServer, Stream, behind_since
 
 ConfigStatus = csds_pb2.ConfigStatus
 ClientStatus = config_dump_shared_pb2.ClientResourceStatus
@@ -65,6 +67,9 @@ class CsdsServicer(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type:
                 else:
                     entry.config_status = ConfigStatus.STALE  # sent, no answer yet
                     entry.client_status = ClientStatus.REQUESTED
+                since = behind_since(state, current)
+                if since is not None:
+                    entry.last_updated.FromNanoseconds(int(since * 1e9))
         return config
 
 

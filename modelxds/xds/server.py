@@ -26,6 +26,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from modelxds import metrics
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
+from modelxds.xds.convergence import Convergence
 from modelxds.xds.resources import (
     CLUSTER,
     ENDPOINT,
@@ -57,6 +58,8 @@ class TypeState:
     nacked_version: str = ""
     nack_message: str = ""
     responses: int = 0
+    # wall clock: when the oldest version sent and not yet ACKed was published
+    behind_since: float | None = None
     # named types (EDS, RDS): what the gateway was last sent of each name it asked for;
     # a gateway keeps what a response leaves out, so only changed resources go again
     have: dict[str, bytes] = field(default_factory=dict)
@@ -104,6 +107,10 @@ class AdsServer:
         self.max_streams = max_streams
         self.max_names = max_names
         self.streams: dict[int, Stream] = {}
+        self.convergence = Convergence()
+        # computed when scraped; the last server made in a process is the one reported
+        metrics.XDS_BEHIND_STREAMS.set_function(lambda: len(self.behind_seconds()))
+        metrics.XDS_MAX_BEHIND_SECONDS.set_function(lambda: max(self.behind_seconds(), default=0))
         self._large_sends = asyncio.Semaphore(MAX_LARGE_SENDS)
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -171,6 +178,10 @@ class AdsServer:
                 # one version of every type per cycle: a push landing while this cycle
                 # yields must not send RDS that names clusters its CDS did not have
                 snapshot = self.cache.snapshot()
+                if self.convergence.is_new(snapshot):
+                    self.convergence.published(
+                        snapshot, {i: s.types.keys() for i, s in self.streams.items()}
+                    )
                 for type_url in PUSH_ORDER:
                     snap = snapshot[type_url]
                     names = self._next_response(stream, type_url, snap)
@@ -178,17 +189,35 @@ class AdsServer:
                         continue
                     nonce = stream.types[type_url].nonce
                     if _size(snap, names) < LARGE_RESPONSE:
-                        yield _Response(snap.response(names, nonce))
+                        yield _send(snap, names, nonce)
                         continue
                     await self._take_turn(stream, type_url)
-                    yield _Response(snap.response(names, nonce))
+                    yield _send(snap, names, nonce)
         finally:
             _end_turn(stream)
+            self.convergence.disconnected(stream.id)
+            for type_url, state in stream.types.items():
+                if state.nacked_version:
+                    metrics.XDS_NACKED_STREAMS.labels(SHORT_NAMES[type_url]).dec()
             self.cache.unsubscribe(wake)
             reader.cancel()
             del self.streams[stream.id]
             metrics.CONNECTED_GATEWAYS.dec()
             log.info("gateway %s (%s) disconnected", stream.node_id, stream.peer)
+
+    def behind_seconds(self) -> list[float]:
+        """For each stream behind the current config, for how long it has been."""
+        now, snapshot = time.time(), self.cache.snapshot()
+        behind = []
+        for stream in self.streams.values():
+            since = [
+                t
+                for type_url, state in stream.types.items()
+                if (t := behind_since(state, snapshot[type_url])) is not None
+            ]
+            if since:
+                behind.append(max(0.0, now - min(since)))
+        return behind
 
     def _on_request(self, stream: Stream, req: discovery_pb2.DiscoveryRequest) -> None:
         if req.node.id and not stream.node_id:
@@ -214,13 +243,21 @@ class AdsServer:
                     req.error_detail.message,
                 )
                 metrics.XDS_NACKS.labels(short).inc()
+                self.convergence.nacked(stream.id, type_url, state.sent_version or "")
+            if not state.nacked_version and state.sent_version:
+                metrics.XDS_NACKED_STREAMS.labels(short).inc()
             state.nacked_version = state.sent_version or ""
             state.nack_message = req.error_detail.message
             state.have = {}  # part of it may not have been taken: next time, send everything
         elif req.response_nonce:
             state.acked_version = req.version_info
+            if state.nacked_version:
+                metrics.XDS_NACKED_STREAMS.labels(short).dec()
             state.nacked_version = ""  # a later rejection, even of the same version, is news
+            if state.acked_version == state.sent_version:
+                state.behind_since = None
             metrics.XDS_ACKS.labels(short).inc()
+            self.convergence.acked(stream.id, type_url, req.version_info)
         names = list(req.resource_names)
         state.names = None if SnapshotCache.is_wildcard(type_url, names) else frozenset(names)
 
@@ -250,6 +287,10 @@ class AdsServer:
             return False  # nothing translated yet: a gateway must not see an empty config
         if snap.version == state.sent_version and state.names == state.sent_names:
             return False  # up to date, or this exact version was rejected
+        if state.behind_since is None:
+            # a version it already runs, sent again for new names, is behind from now
+            fresh = snap.version != state.acked_version
+            state.behind_since = snap.published_at if fresh else time.time()
         state.sent_version, state.sent_names = snap.version, state.names
         # A replaced cluster (listener) warms until it gets endpoints (routes), and a
         # gateway re-asking for unchanged names would get no answer: send them again.
@@ -265,7 +306,6 @@ class AdsServer:
         _answered(stream, type_url)  # the response this one supersedes needs no answer now
         state.nonce = str(next(self._nonces))
         state.responses += 1
-        metrics.XDS_RESPONSES.labels(SHORT_NAMES[type_url]).inc()
         return names
 
 
@@ -282,6 +322,22 @@ class _Response:
     def take(self) -> bytes:
         body, self.body = self.body, b""
         return body
+
+
+def behind_since(state: TypeState, current: TypeSnapshot) -> float | None:
+    """When (wall clock) a stream fell behind the current config of a type: the
+    publication of the oldest version it has not ACKed; None: in sync."""
+    if not current.version or state.acked_version == current.version:
+        return None
+    return state.behind_since or current.published_at
+
+
+def _send(snap: TypeSnapshot, names: frozenset[str] | None, nonce: str) -> _Response:
+    body = snap.response(names, nonce)
+    short = SHORT_NAMES[snap.type_url]
+    metrics.XDS_RESPONSES.labels(short).inc()
+    metrics.XDS_SENT_BYTES.labels(short).inc(len(body))
+    return _Response(body)
 
 
 def _answered(stream: Stream, type_url: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +252,31 @@ async def test_sighup_reloads_a_valid_policy_and_keeps_the_last_good_one_otherwi
 
 async def _logged(proc: processes.Process, text: str) -> bool:
     return text in proc.log_path.read_text()
+
+
+async def test_an_edited_policy_file_is_applied_without_a_signal(tmp_path: Path) -> None:
+    """As a ConfigMap mount changes: the file is replaced, nobody sends SIGHUP."""
+    stack = Stack(tmp_path / "stack", policy_poll_ms=100)
+    await stack.start()
+    client = Client(stack)
+    try:
+        holder = pod_instance_id(1)
+        await stack.pod(holder)[1].add_copy("m", started_ms=LOADED_LONG_AGO)
+        await _until_routed(client, "m", {holder})
+        policy = stack.workdir / "policy.yaml"
+        extra = processes.free_port()
+        edited = policy.read_text().replace("    - port:", f"    - port: {extra}\n    - port:")
+        swapped = stack.workdir / "policy.yaml.new"
+        swapped.write_text(edited)
+        swapped.replace(policy)
+        extra_client = Client(stack, gateway=f"127.0.0.1:{extra}")
+        try:
+            await wait_until(
+                lambda: answers(extra_client, "m", holder), 15, "the new listener port to route"
+            )
+        finally:
+            await extra_client.close()
+        assert 'modelxds_policy_reloads_total{result="applied"} 1.0' in stack.metrics()
+    finally:
+        await client.close()
+        await stack.stop()

@@ -48,6 +48,7 @@ async def test_listener_envoy_cannot_bind_is_nacked_once_and_not_resent(tmp_path
         metrics = stack.metrics()
         assert _metric(metrics, "modelxds_xds_responses_total", type="lds") == sent
         assert _metric(metrics, "modelxds_xds_nacks_total", type="lds") == 1
+        assert _metric(metrics, "modelxds_xds_nacked_streams", type="lds") == 1
         log = stack.processes[1].log_path.read_text()
         assert "rejected lds" in log and str(busy_port) in log
         # the operator's view of the same: this gateway NACKed LDS, the rest is in sync
@@ -55,6 +56,7 @@ async def test_listener_envoy_cannot_bind_is_nacked_once_and_not_resent(tmp_path
         assert row["LDS"].startswith("NACKED")
         assert any(str(busy_port) in e for e in row["errors"])
         assert row["CDS"].startswith("SYNCED") and row["RDS"].startswith("SYNCED")
+        assert row["behind_seconds"] > 0  # on LDS, since the rejected version was published
         # the listener Envoy could bind still serves, routed by placement as usual
         holder = pod_instance_id(2)
         await stack.pod(holder)[1].add_copy("m", started_ms=1)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import re
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from modelxds.bench.load import LoadSpec, parse_duration, run
+from modelxds import cli
+from modelxds.bench.load import LoadSpec, go_duration, go_style, parse_duration, result_id, run
 from modelxds.bench.stats import (
     duration_histogram,
     histogram,
@@ -62,6 +67,41 @@ def test_durations_in_fortio_notation() -> None:
     assert parse_duration("1m") == 60
     assert parse_duration("250ms") == 0.25
     assert parse_duration("3") == 3
+    assert parse_duration("1m30s") == 90
+    assert parse_duration("1h") == 3600
+    for bad in ("", "s", "1x", "1m30", "1.2.3s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    # and back as Go prints them, as fortio's RequestedDuration has them
+    assert [go_duration(d) for d in (5, 60, 90.5, 0.25, 3725)] == [
+        "5s",
+        "1m0s",
+        "1m30.5s",
+        "250ms",
+        "1h2m5s",
+    ]
+
+
+def test_flags_as_go_spells_them() -> None:
+    assert go_style(["-jitter=False", "--qps", "100", "-grpc=true", "-a", "-t=5s"]) == [
+        "-qps",
+        "100",
+        "-grpc",
+        "-a",
+        "-t=5s",
+    ]
+    with pytest.raises(SystemExit):
+        go_style(["-jitter=maybe"])
+
+
+def test_result_ids_are_fortios_file_names() -> None:
+    when = datetime.datetime(2026, 12, 2, 4, 3, 26)
+    assert result_id(when, "") == "2026-12-02-040326"
+    assert result_id(when, "10.0.0.7:8008/v2/models/m/infer , vm") == (
+        "2026-12-02-040326_10_0_0_7_8008_v2_models_m_infer_vm"
+    )
+    assert result_id(when, "--a  b--") == "2026-12-02-040326_a_b"
+    assert len(result_id(when, "x" * 200)) == 96
 
 
 class SlowServer:
@@ -182,3 +222,59 @@ def test_a_fortio_json_result_reads_like_ours() -> None:
         "p99.9": 11.8,
     }
     assert summary_line(fortio).startswith("6000 requests, 100.0 qps")
+
+
+async def test_the_seeds_fortio_flags_save_fortios_json_under_fortios_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a fortio command line as users paste it, "fortio load" replaced by "modelxds bench
+    # load": Go-style boolean, -a (auto-save in the current directory), repeated -H
+    monkeypatch.chdir(tmp_path)
+    srv, port = await _serve(SlowServer(delay=0.001))
+    url = f"http://127.0.0.1:{port}/v2/models/m1/infer"
+    argv = ["bench", "load", "-jitter=False", "-c", "1", "-qps", "50", "-t", "400ms", "-a"]
+    argv += ["-H", "Content-Type: application/json", "-H", "model: m1"]
+    argv += ["-payload", '{"inputs": []}', url]
+    async with srv:
+        assert await asyncio.to_thread(cli.main, argv) == 0
+    (saved,) = tmp_path.iterdir()
+    host = socket.gethostname().split(".", 1)[0]
+    words = "_".join(re.findall("[A-Za-z0-9]+", host))
+    assert re.fullmatch(
+        rf"\d{{4}}-\d\d-\d\d-\d{{6}}_127_0_0_1_{port}_v2_models_m1_infer_{words}\.json",
+        saved.name,
+    ), saved.name
+    result = json.loads(saved.read_text())
+    assert result["ID"] == saved.stem
+    assert result["Labels"] == f"127.0.0.1:{port}/v2/models/m1/infer , {host}"
+    assert (result["RunType"], result["URL"], result["NumThreads"]) == ("HTTP", url, 1)
+    assert (result["RequestedQPS"], result["RequestedDuration"]) == ("50", "400ms")
+    assert result["Jitter"] is False
+    assert result["RetCodes"] == {"200": 20}
+    assert datetime.datetime.fromisoformat(result["StartTime"]).tzinfo is not None
+    hist = result["DurationHistogram"]
+    assert hist["Count"] == 20 and sum(b["Count"] for b in hist["Data"]) == 20
+    assert [p["Percentile"] for p in hist["Percentiles"]] == [50, 75, 90, 99, 99.9]
+    assert result["ErrorsDurationHistogram"]["Count"] == 0
+    assert "Samples" not in result
+
+
+async def test_json_and_labels_flags(tmp_path: Path) -> None:
+    srv, port = await _serve(SlowServer(delay=0.001))
+    out = tmp_path / "run.json"
+    argv = ["-qps", "40", "-t", "0.25s", "-c", "2", "-labels", "subsets run 1", "-json", str(out)]
+    async with srv:
+        code = await asyncio.to_thread(
+            cli.main, ["bench", "load", *argv, f"http://127.0.0.1:{port}/"]
+        )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["Labels"] == "subsets run 1"
+    assert result["ID"].endswith("_subsets_run_1")
+    assert result["DurationHistogram"]["Count"] == 10
+
+
+def test_a_bad_duration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "load", "-t", "soon", "http://127.0.0.1:1/"])
+    assert "not a duration" in str(e.value)

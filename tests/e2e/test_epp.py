@@ -1,0 +1,198 @@
+"""A gateway in the GIE shape (`modelxds bootstrap --epp`: ext_proc + override_host) asking
+`modelxds epp`, in front of the local mesh on real MLServer runtimes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from modelxds.kserve import grpc_predict_v2_pb2 as pb
+from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from modelxds.localmesh import isvc
+from modelxds.localmesh.client import rest_seed, triton_grpc
+from modelxds.localmesh.stack import EppGateway, Stack, seed_policy, wait_until
+from modelxds.localmesh.train import SEED_INPUT
+from modelxds.modelmesh import ModelRecord
+from modelxds.modelmesh.registrar import update_model
+from tests.e2e.gwclient import http_json
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / ".run" / "models"
+SEED_ISVC = "example-mnist-isvc"
+SEED_ISVC_YAML = f"""
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {SEED_ISVC}
+  namespace: modelmesh-serving
+  annotations:
+    serving.kserve.io/deploymentMode: ModelMesh
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: sklearn
+      storage:
+        key: localMinIO
+        path: sklearn/mnist-svm.joblib
+"""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """The mesh behind an EPP gateway for gRPC (the pods' 8033); `rest_gateway` adds one
+    for REST (their REST proxy), as GIE users run one InferencePool per port."""
+    if not (MODELS / "sklearn" / "mnist-svm.joblib").exists():
+        pytest.fail(f"sample models missing in {MODELS}: run `make models`")
+    stack = Stack(
+        tmp_path_factory.mktemp("epp"),
+        runtime="mlserver",
+        storage_dir=MODELS,
+        gateway_kind="epp",
+    )
+    await stack.start()
+    try:
+        (service,) = isvc.parse_isvcs(SEED_ISVC_YAML, "test")
+        await isvc.apply(stack.etcd, stack.layout, service)
+
+        async def up_to_date() -> bool:
+            rows = await stack.isvc_status()
+            return any(r["name"] == SEED_ISVC and r["state"] == "UpToDate" for r in rows)
+
+        await wait_until(up_to_date, 60, f"{SEED_ISVC} UpToDate", interval=0.2)
+        yield stack
+    finally:
+        await stack.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def rest_gateway(mesh: Stack) -> EppGateway:
+    return await mesh.add_epp_gateway(mesh.rest_port, app_protocol="http")
+
+
+def _counters(stack: Stack, name: str) -> dict[str, float]:
+    return {iid: stack.node_counters(iid).get(name, 0.0) for iid in stack.nodes}
+
+
+async def _holder(stack: Stack) -> str:
+    row = next(r for r in await stack.isvc_status() if r["name"] == SEED_ISVC)
+    (holder,) = row["active_copies"]
+    return str(holder)
+
+
+async def _infer(address: str, model: str, headers: dict[str, str] | None = None) -> list[int]:
+    """The seed's input with the model only in the body (``model_name``)."""
+    request = pb.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="predict",
+                datatype="FP32",
+                shape=[1, 64],
+                contents=pb.InferTensorContents(fp32_contents=SEED_INPUT),
+            )
+        ],
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        response = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=tuple((headers or {}).items()), timeout=120
+        )
+    return list(response.outputs[0].contents.int64_contents)
+
+
+async def test_grpc_by_header_and_by_body_and_rest_by_path_reach_the_holder_and_answer_8(
+    mesh: Stack, rest_gateway: EppGateway
+) -> None:
+    holder = await _holder(mesh)
+    forwarded = _counters(mesh, "modelmesh_forwarded_requests_total")
+    local = _counters(mesh, "modelmesh_local_requests_total")[holder]
+
+    for _ in range(3):
+        # tritonclient: by mm-vmodel-id, and with no header at all (the model is only in
+        # the body, which the picker reads)
+        assert await triton_grpc(mesh.gateway, SEED_ISVC, {"mm-vmodel-id": SEED_ISVC}) == [[8]]
+        assert await triton_grpc(mesh.gateway, SEED_ISVC) == [[8]]
+        assert await rest_seed(rest_gateway.gateway, SEED_ISVC) == 8  # the REST path
+
+    assert _counters(mesh, "modelmesh_forwarded_requests_total") == forwarded  # zero hops
+    assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local + 9
+    # every pick found the copy (still counted loading in its first 3 s), none fell back
+    for metrics in (mesh.metrics(), rest_gateway.metrics()):
+        picks = [
+            line for line in metrics.splitlines() if line.startswith("modelxds_epp_picks_total")
+        ]
+        assert picks and all('"holder"' in p or '"loading"' in p for p in picks), picks
+    metrics = mesh.metrics()
+    assert 'modelxds_epp_body_parses_total{result="found"}' in metrics
+
+
+async def test_an_unknown_model_falls_back_and_loads_once(mesh: Stack) -> None:
+    record = ModelRecord(
+        type="mt:sklearn",
+        model_path="generated/model-0007.joblib",
+        encryption_key=json.dumps({"storage_key": "localMinIO"}),
+    )
+    await update_model(mesh.etcd, mesh.layout, "generated-0007", lambda _: record)
+    loads = sum(_counters(mesh, "modelmesh_loads_total").values())
+
+    answer = await _infer(mesh.gateway, "generated-0007")
+
+    assert len(answer) == 1
+    assert sum(_counters(mesh, "modelmesh_loads_total").values()) == loads + 1
+    assert 'modelxds_epp_picks_total{outcome="fallback"}' in mesh.metrics()
+
+
+async def test_no_fallback_answers_404_over_rest_and_not_found_over_grpc(mesh: Stack) -> None:
+    strict = seed_policy(mesh.gateway_port, mesh.pod_port).replace("ANY_ENDPOINT", "NO_FALLBACK")
+    grpc_gw = await mesh.add_epp_gateway(mesh.pod_port, policy_text=strict)
+    rest_gw = await mesh.add_epp_gateway(mesh.rest_port, app_protocol="http", policy_text=strict)
+
+    async def rest_404() -> bool:
+        status, doc = await http_json(rest_gw.gateway, "POST", "/v2/models/nowhere/infer", b"{}")
+        return status == 404 and doc.get("code") == 5 and "NO_FALLBACK" in doc["message"]
+
+    await wait_until(rest_404, 20, "the strict picker to answer 404")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _infer(grpc_gw.gateway, "nowhere")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "NO_FALLBACK" in (err.value.details() or "")
+    assert await _infer(grpc_gw.gateway, SEED_ISVC) == [8]  # a loaded model still routes
+
+
+async def _gateway_without_its_picker(mesh: Stack, failure_mode: str) -> EppGateway:
+    gw = await mesh.add_epp_gateway(mesh.pod_port, failure_mode=failure_mode)
+    await wait_until(lambda: _answers_8(gw.gateway), 20, "the picker's gateway to answer")
+    assert gw.epp is not None
+    gw.epp.kill()
+    return gw
+
+
+async def test_with_the_picker_down_fail_close_answers_503_and_unavailable(mesh: Stack) -> None:
+    gw = await _gateway_without_its_picker(mesh, "FailClose")
+    status, _ = await http_json(gw.gateway, "POST", f"/v2/models/{SEED_ISVC}/infer", b"{}")
+    assert status == 503
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _infer(gw.gateway, SEED_ISVC)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Envoy 1.40 fails open in FULL_DUPLEX_STREAMED only until a body chunk has gone "
+    "to the picker; a dead picker's connect error arrives after that, so the request fails",
+)
+async def test_with_the_picker_down_fail_open_keeps_serving(mesh: Stack) -> None:
+    gw = await _gateway_without_its_picker(mesh, "FailOpen")
+    for _ in range(6):  # the pool's round robin picks; a pod without the model forwards
+        assert await _infer(gw.gateway, SEED_ISVC) == [8]
+
+
+async def _answers_8(address: str) -> bool:
+    return await _infer(address, SEED_ISVC) == [8]
