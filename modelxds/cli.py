@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import yaml
 
+from modelxds import logs
+from modelxds.health import DEFAULT_READY_ETCD_GRACE_S
 from modelxds.labeler.labels import DEFAULT_MAX_MODEL_LABELS
 from modelxds.modelmesh import DEFAULT_ROOT_PREFIX, DEFAULT_SERVICE_NAME, Layout
 from modelxds.placement.etcd import EtcdConfigError, EtcdConnection
@@ -146,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("MODELXDS_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING, ERROR [env MODELXDS_LOG_LEVEL]",
     )
+    _add(
+        parser,
+        "--log-format",
+        "'text' lines for people, or 'json': one object a line with time, level, logger, "
+        "message and the line's fields",
+        choices=logs.FORMATS,
+        default="text",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="watch etcd and serve xDS to Envoy gateways")
@@ -235,12 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=MAX_NAMES,
     )
-    _add(
-        serve,
-        "--metrics-address",
-        "Prometheus /metrics HOST:PORT (empty: off)",
-        default="0.0.0.0:9091",
-    )
+    _health_flags(serve, "0.0.0.0:9091")
     _add(serve, "--listen-address", "address gateway listeners bind to", default="0.0.0.0")
     _add(
         serve,
@@ -321,6 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _health_flags(p: argparse.ArgumentParser, metrics_address: str) -> None:
+    _add(
+        p,
+        "--metrics-address",
+        "HTTP HOST:PORT of Prometheus /metrics and the probes /healthz (live) and /readyz "
+        "(ready) (empty: off)",
+        default=metrics_address,
+    )
+    _add(
+        p,
+        "--ready-etcd-grace-s",
+        "/readyz and the gRPC readiness service answer not ready once etcd has been "
+        "unreachable for longer than this",
+        type=float,
+        default=DEFAULT_READY_ETCD_GRACE_S,
+    )
+
+
 def _inspect_parser(sub: Any) -> None:
     inspect = sub.add_parser(
         "inspect",
@@ -380,12 +402,7 @@ def _label_parser(sub: Any) -> None:
         "--lease-namespace",
         "namespace of the Lease (default: env POD_NAMESPACE, else the first watched namespace)",
     )
-    _add(
-        label,
-        "--metrics-address",
-        "Prometheus /metrics HOST:PORT (empty: off)",
-        default="0.0.0.0:9092",
-    )
+    _health_flags(label, "0.0.0.0:9092")
 
 
 def _epp_parser(sub: Any) -> None:
@@ -416,12 +433,7 @@ def _epp_parser(sub: Any) -> None:
     _add(epp, "--plaintext", "serve without TLS", action="store_true", default=False)
     _add(epp, "--cert-file", "TLS certificate PEM (default: a self-signed one made at start)")
     _add(epp, "--key-file", "TLS private key PEM, with --cert-file")
-    _add(
-        epp,
-        "--metrics-address",
-        "Prometheus /metrics HOST:PORT (empty: off)",
-        default="0.0.0.0:9090",
-    )
+    _health_flags(epp, "0.0.0.0:9090")
 
 
 def _epp_bootstrap_flags(boot: argparse.ArgumentParser) -> None:
@@ -479,9 +491,7 @@ def _epp_bootstrap(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     if args.command == "bootstrap":
         from modelxds.xds.bootstrap import bootstrap
 

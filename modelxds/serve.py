@@ -1,4 +1,5 @@
-"""`modelxds serve`: etcd watch -> translate -> snapshot cache -> ADS, plus /metrics."""
+"""`modelxds serve`: etcd watch -> translate -> snapshot cache -> ADS, plus health and
+/metrics."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
-from prometheus_client import start_http_server
 
 from modelxds import metrics
+from modelxds.health import Health, readiness, start_http
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import Layout
 from modelxds.policy import Policy, PolicyError, default_policy, load_policy
 from modelxds.tasks import checked_watcher, run_until, stop_on_signals
 from modelxds.xds import csds
-from modelxds.xds.bootstrap import split_address
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
 from modelxds.xds.ir import Options, RestMode, Strategy
@@ -90,6 +90,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         quiet=args.debounce_quiet_ms / 1000,
         max_delay=args.debounce_max_ms / 1000,
         translator=strategy(args.strategy),
+        gateways=lambda: len(ads.streams),
     )
     rules = None
     if api is not None:
@@ -110,16 +111,26 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    server.add_generic_rpc_handlers([ads.handler()])
+    ready = readiness(
+        watcher,
+        args.ready_etcd_grace_s,
+        [
+            (watcher.synced.is_set, "placement not read from etcd yet"),
+            (cache.ready.is_set, "no config published yet"),
+        ],
+    )
+    server.add_generic_rpc_handlers([ads.handler(), Health.probes(ready).handler()])
     csds.add_to_server(ads, server)
     try:
         server.add_insecure_port(args.xds_address)
     except RuntimeError as e:
         log.error("cannot listen on --xds-address %s: %s", args.xds_address, e)
         return 2
-    if args.metrics_address:
-        host, port = split_address(args.metrics_address, "0.0.0.0")
-        start_http_server(port, host)
+    try:
+        http = await start_http(args.metrics_address, ready) if args.metrics_address else None
+    except (OSError, ValueError) as e:
+        log.error("cannot listen on --metrics-address %s: %s", args.metrics_address, e)
+        return 2
     await server.start()
     log.info(
         "serving xDS on %s; watching etcd %s: %s",
@@ -176,5 +187,7 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         await run_until(stop, *jobs)
     finally:
         await server.stop(grace=1)
+        if http is not None:
+            await http.cleanup()
         log.info("stopped")
     return 0

@@ -124,7 +124,8 @@ class Exchange:
             return []
         metrics.EPP_BODY_PARSES.labels(found.state.value).inc()
         if found.state is BodyModel.MALFORMED:
-            log.info("gRPC request body unreadable: %s", found.why)
+            # counted above; a client sending many would flood the log at INFO
+            log.debug("gRPC request body unreadable: %s", found.why)
             self.phase = _Phase.DONE
             return [
                 _immediate(

@@ -12,19 +12,17 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from prometheus_client import start_http_server
 
 from modelxds import metrics
 from modelxds.epp.exchange import Exchange
-from modelxds.epp.health import Health
 from modelxds.epp.pick import Picker
 from modelxds.epp.tls import server_credentials
+from modelxds.health import Health, readiness, start_http
 from modelxds.modelmesh import Layout
 from modelxds.placement.model import Placement
 from modelxds.placement.watch import PlacementWatcher
 from modelxds.policy import Policy, PolicyError, default_policy, load_policy
 from modelxds.tasks import checked_watcher, run_until, stop_on_signals
-from modelxds.xds.bootstrap import split_address
 from modelxds.xds.ir import Destination, Options, destinations
 
 log = logging.getLogger(__name__)
@@ -113,10 +111,11 @@ async def epp(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -
     watcher = await checked_watcher(args, layouts)
     if watcher is None:
         return 2
-    ready = asyncio.Event()
-    health = Health(
-        {"liveness": lambda: True, "readiness": ready.is_set, EXT_PROC_SERVICE: ready.is_set}
+    picking = asyncio.Event()  # the first placement is in the pool
+    ready = readiness(
+        watcher, args.ready_etcd_grace_s, [(picking.is_set, "placement not read from etcd yet")]
     )
+    health = Health.probes(ready, **{EXT_PROC_SERVICE: ready})
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", 30_000),
@@ -135,9 +134,11 @@ async def epp(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -
     except RuntimeError as e:
         log.error("cannot listen on --epp-address %s: %s", args.epp_address, e)
         return 2
-    if args.metrics_address:
-        host, port = split_address(args.metrics_address, "0.0.0.0")
-        start_http_server(port, host)
+    try:
+        http = await start_http(args.metrics_address, ready) if args.metrics_address else None
+    except (OSError, ValueError) as e:
+        log.error("cannot listen on --metrics-address %s: %s", args.metrics_address, e)
+        return 2
     await server.start()
     log.info(
         "endpoint picker on %s (%s), pods' port %d; watching etcd %s: %s",
@@ -149,8 +150,10 @@ async def epp(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]]) -
     )
     stop = stop_on_signals()
     try:
-        await run_until(stop, watcher.run(), follow(watcher, pool, ready))
+        await run_until(stop, watcher.run(), follow(watcher, pool, picking))
     finally:
         await server.stop(grace=1)
+        if http is not None:
+            await http.cleanup()
         log.info("stopped")
     return 0

@@ -1,4 +1,5 @@
-"""`modelxds label`: etcd watch -> placement -> pod labels, leader-elected, plus /metrics."""
+"""`modelxds label`: etcd watch -> placement -> pod labels, leader-elected, plus health and
+/metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from prometheus_client import start_http_server
-
+from modelxds.health import readiness, start_http
 from modelxds.kube import KubernetesConfigError, api_client
 from modelxds.labeler.labels import LabelerConfigError, subset_key
 from modelxds.labeler.leader import Leadership, default_identity
@@ -17,7 +17,6 @@ from modelxds.labeler.sync import Labeler, Target
 from modelxds.modelmesh import Layout
 from modelxds.policy import PolicyError, default_policy, load_policy
 from modelxds.tasks import checked_watcher, run_until, stop_on_signals
-from modelxds.xds.bootstrap import split_address
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,22 @@ async def label(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         patch_interval=args.patch_interval_ms / 1000,
         may_patch=leadership.may_patch if leadership else lambda: True,
     )
-    if args.metrics_address:
-        host, port = split_address(args.metrics_address, "0.0.0.0")
-        start_http_server(port, host)
+    ready = readiness(
+        watcher,
+        args.ready_etcd_grace_s,
+        [
+            (watcher.synced.is_set, "placement not read from etcd yet"),
+            (
+                lambda: all(w.listed.is_set() for w in labeler.watches.values()),
+                "pods not listed yet",
+            ),
+        ],
+    )
+    try:
+        http = await start_http(args.metrics_address, ready) if args.metrics_address else None
+    except (OSError, ValueError) as e:
+        log.error("cannot listen on --metrics-address %s: %s", args.metrics_address, e)
+        return 2
     election = "no leader election"
     if leadership is not None:
         election = f"lease {leadership.namespace}/{leadership.name} as {leadership.identity}"
@@ -100,5 +112,7 @@ async def label(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     finally:
         if leadership is not None:
             await asyncio.to_thread(leadership.stop)
+        if http is not None:
+            await http.cleanup()
         log.info("stopped")
     return 0

@@ -151,6 +151,10 @@ class PlacementWatcher:
         self.max_backoff = max_backoff
         self.healthy_after = healthy_after
         self._watch_healthy = False  # the current watch delivered an event or progress
+        # etcd's last answer (time.monotonic()), and whether a watch is open since: an
+        # idle watch hears nothing for minutes (progress notifications come every 10)
+        self._last_contact = time.monotonic()
+        self._in_contact = False
         self.revision = 0
         self.changed = asyncio.Event()
         # time.monotonic() of the oldest change the next capture takes (None: none yet):
@@ -208,6 +212,14 @@ class PlacementWatcher:
         """Key -> the fields of a kept record that were read as their defaults, and why."""
         return {k: v for t in self.tables for k, v in t.ignored.items()}
 
+    def unreachable_for(self, now: float | None = None) -> float:
+        """Seconds etcd has not answered for (by time.monotonic()); 0 while a watch is
+        open. Before the first answer, counted from when the watcher was made."""
+        if self._in_contact:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, now - self._last_contact)
+
     @property
     def endpoint(self) -> str:
         """The etcd endpoint in use (URL)."""
@@ -249,6 +261,7 @@ class PlacementWatcher:
             watch_opened: float | None = None
             try:
                 await self._list(rpc.KVStub(channel))
+                self._in_contact = True
                 watch_opened = loop.time()
                 await self._watch(rpc.WatchStub(channel))
             except _Relist as e:
@@ -268,6 +281,8 @@ class PlacementWatcher:
                 log.warning("etcd %s: %s; retrying%s in %.1fs", failed, why, then, delay)
                 metrics.WATCH_RESTARTS.labels("rpc_error").inc()
             finally:
+                if self._in_contact:
+                    self._in_contact, self._last_contact = False, time.monotonic()
                 await channel.close()
             await self._pause(delay)
 
@@ -300,6 +315,7 @@ class PlacementWatcher:
             while True:
                 req = rpc.RangeRequest(key=start, range_end=end, limit=PAGE_SIZE, revision=revision)
                 resp = await self._session.call(kv.Range, req, timeout=60)
+                self._last_contact = time.monotonic()
                 revision = revision or resp.header.revision
                 for kv_ in resp.kvs:
                     seen.add(kv_.key)

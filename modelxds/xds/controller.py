@@ -26,6 +26,7 @@ from modelxds.policy import Policy
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.ir import Options, Strategy
 from modelxds.xds.references import ReferenceCheck
+from modelxds.xds.resources import SHORT_NAMES
 
 # Takes what changed, on the event loop; returns the build of the Placement, for a thread.
 Capture = Callable[[], Callable[[], Placement]]
@@ -55,8 +56,11 @@ class Controller:
         quiet: float = 0.1,
         max_delay: float = 1.0,
         translator: Strategy,
+        gateways: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``gateways``: how many are connected now, for the push log line."""
         self.translator = translator
+        self._gateways = gateways
         self._capture = capture
         self._changed = changed
         self.policy = policy
@@ -124,11 +128,21 @@ class Controller:
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
         metrics.SNAPSHOTS.inc()
         if changed:
+            versions = {SHORT_NAMES[t]: self.cache.get(t).version for t in changed}
+            gateways = self._gateways()
             log.info(
-                "etcd revision %d: pushed %s in %.1f ms",
+                "etcd revision %d: pushed %s to %d gateway(s) in %.1f ms",
                 placement.revision,
-                ",".join(t.rsplit(".", 1)[-1] for t in changed),
+                " ".join(f"{t}={v}" for t, v in versions.items()),
+                gateways,
                 elapsed * 1000,
+                extra={
+                    "revision": placement.revision,
+                    "types": list(versions),
+                    "versions": versions,
+                    "gateways": gateways,
+                    "duration_ms": round(elapsed * 1000, 1),
+                },
             )
 
     async def run(self) -> None:

@@ -255,8 +255,9 @@ def test_the_xds_server_survives_a_node_drain(installed: list[Doc]) -> None:
     assert pdb["selector"]["matchLabels"].items() <= labels_of(xds).items()
     (c,) = containers(xds)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert ports[c[probe]["tcpSocket"]["port"]] == 18000, probe
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert ports[c[probe]["httpGet"]["port"]] == 9091, probe
+        assert c[probe]["httpGet"]["path"] == path, probe
 
 
 def test_the_etcd_connection_is_modelmesh_servings_secret_read_only(installed: list[Doc]) -> None:
