@@ -9,7 +9,7 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
-	bench-build bench-stall bench-scale-large bench-first-config compare clean
+	bench-build bench-stall bench-scale-large bench-first-config bench-epp compare clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -79,6 +79,9 @@ bench-scale-large: setup
 # where a fresh Envoy's first config goes at 100,000 / 500 (about 3 minutes, 3 GB)
 bench-first-config: setup
 	$(PY) -m modelxds.bench.firstconfig --size 100000x500 --out bench-results/first-config.json
+
+bench-epp: setup
+	$(PY) -m modelxds.bench.epp --out bench-results/epp.json
 
 clean:
 	rm -rf $(VENV) $(MLVENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results
