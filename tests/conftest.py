@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: the Kubernetes API stand-in."""
+"""Fixtures shared by every test: a real etcd, and the Kubernetes API stand-in."""
 
 from __future__ import annotations
 
@@ -8,9 +8,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modelxds.localmesh.processes import free_port, start_etcd
 from tests.kube.apiserver import ApiServer
 
 CRDS = Path(__file__).resolve().parent.parent / "manifests" / "crds"
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real etcd, one per test module."""
+    port = free_port()
+    proc = start_etcd(tmp_path_factory.mktemp("etcd"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

@@ -9,6 +9,10 @@ import sys
 import urllib.request
 from typing import Any
 
+import grpc
+
+from modelxds.kserve import grpc_predict_v2_pb2 as pb
+from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh.train import SEED_INPUT
 
 # the seed's REST request; KServe V2 protobuf JSON, so also a ModelInferRequest
@@ -56,6 +60,29 @@ async def rest_seed(
 
     doc = await asyncio.to_thread(send)  # pods may run in this event loop: block a thread
     return predicted_digit(doc)
+
+
+async def grpc_seed(
+    address: str, name: str, headers: dict[str, str] | None = None
+) -> pb.ModelInferResponse:
+    """The seed's ModelInfer to ``address``, the model in the body (``model_name``) and in
+    no header unless ``headers`` has it."""
+    request = pb.ModelInferRequest(
+        model_name=name,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="predict",
+                datatype="FP32",
+                shape=[1, 64],
+                contents=pb.InferTensorContents(fp32_contents=SEED_INPUT),
+            )
+        ],
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        response: pb.ModelInferResponse = await pb_grpc.GRPCInferenceServiceStub(
+            channel
+        ).ModelInfer(request, metadata=tuple((headers or {}).items()), timeout=120)
+        return response
 
 
 async def triton_grpc(address: str, name: str, headers: dict[str, str] | None = None) -> Any:

@@ -11,12 +11,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from modelxds.kserve import grpc_predict_v2_pb2 as pb
-from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh import isvc
-from modelxds.localmesh.client import rest_seed, triton_grpc
+from modelxds.localmesh.client import grpc_seed, rest_seed, triton_grpc
 from modelxds.localmesh.stack import EppGateway, Stack, seed_policy, wait_until
-from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord
 from modelxds.modelmesh.registrar import update_model
 from tests.e2e.gwclient import http_json
@@ -89,21 +86,7 @@ async def _holder(stack: Stack) -> str:
 
 async def _infer(address: str, model: str, headers: dict[str, str] | None = None) -> list[int]:
     """The seed's input with the model only in the body (``model_name``)."""
-    request = pb.ModelInferRequest(
-        model_name=model,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(
-                name="predict",
-                datatype="FP32",
-                shape=[1, 64],
-                contents=pb.InferTensorContents(fp32_contents=SEED_INPUT),
-            )
-        ],
-    )
-    async with grpc.aio.insecure_channel(address) as channel:
-        response = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            request, metadata=tuple((headers or {}).items()), timeout=120
-        )
+    response = await grpc_seed(address, model, headers)
     return list(response.outputs[0].contents.int64_contents)
 
 

@@ -18,7 +18,6 @@ import aetcd
 import pytest
 import pytest_asyncio
 
-from modelxds.localmesh.processes import free_port, start_etcd
 from modelxds.modelmesh import Layout, VModelRecord
 from modelxds.modelmesh.registrar import PodRegistration, etcd_client, now_ms, put_vmodel
 from tests.kube.apiserver import ApiServer, pod
@@ -32,16 +31,6 @@ B = "modelmesh-serving-mlserver-1.x-7c5d8b9f4d-b7wlp"
 IPS = {A: "10.1.0.11", B: "10.1.0.12"}
 LONG_AGO = now_ms() - 600_000  # a load that started long ago: loaded
 DEADLINE_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_etcd(tmp_path_factory.mktemp("etcd"), port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
 
 
 @pytest_asyncio.fixture

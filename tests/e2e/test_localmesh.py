@@ -20,13 +20,13 @@ from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh import isvc, processes
 from modelxds.localmesh.client import (
     SEED_DATA_REQUEST,
+    grpc_seed,
     predicted_digit,
     rest_seed,
     triton_grpc,
     triton_http,
 )
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
-from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord, Table, parse_model, parse_vmodel
 from modelxds.modelmesh.registrar import update_model
 
@@ -82,27 +82,6 @@ async def _until_state(stack: Stack, name: str, state: str, timeout: float = 60)
         return bool((await _state(stack, name))["state"] == state)
 
     await wait_until(reached, timeout, f"{name} to be {state}", interval=0.2)
-
-
-async def _direct(
-    address: str, name: str, headers: dict[str, str] | None = None
-) -> pb.ModelInferResponse:
-    request = pb.ModelInferRequest(
-        model_name=name,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(
-                name="predict",
-                datatype="FP32",
-                shape=[1, 64],
-                contents=pb.InferTensorContents(fp32_contents=SEED_INPUT),
-            )
-        ],
-    )
-    async with grpc.aio.insecure_channel(address) as channel:
-        response: pb.ModelInferResponse = await pb_grpc.GRPCInferenceServiceStub(
-            channel
-        ).ModelInfer(request, metadata=tuple((headers or {}).items()), timeout=120)
-        return response
 
 
 def _counters(stack: Stack, name: str) -> dict[str, float]:
@@ -199,7 +178,7 @@ async def test_forwarded_once_when_sent_to_a_pod_directly_never_through_the_gate
     forwarded = _counters(mesh, "modelmesh_forwarded_requests_total")
     local = _counters(mesh, "modelmesh_local_requests_total")
 
-    response = await _direct(mesh.pod_addresses()[other], SEED_ISVC)
+    response = await grpc_seed(mesh.pod_addresses()[other], SEED_ISVC)
     assert response.outputs[0].contents.int64_contents == [8]
     after = _counters(mesh, "modelmesh_forwarded_requests_total")
     assert after[other] == forwarded[other] + 1  # exactly one internal hop
@@ -216,7 +195,7 @@ async def test_a_miss_loads_exactly_once_under_20_concurrent_requests(mesh: Stac
     loads = sum(_counters(mesh, "modelmesh_loads_total").values())
 
     answers = await asyncio.gather(
-        *(_direct(mesh.gateway, "generated-0007", {"model": "generated-0007"}) for _ in range(20))
+        *(grpc_seed(mesh.gateway, "generated-0007", {"model": "generated-0007"}) for _ in range(20))
     )
 
     assert all(len(a.outputs[0].contents.int64_contents) == 1 for a in answers)
@@ -266,7 +245,7 @@ async def test_lru_eviction_unloads_the_least_recently_used_and_updates_etcd(
         for i in (1, 2, 3):
             await _register(stack, f"m{i}", f"generated/model-000{i}.joblib")
         for model in ("m1", "m2", "m1", "m3"):  # m1 used again: m2 is least recently used
-            await _direct(stack.gateway, model, {"model": model})
+            await grpc_seed(stack.gateway, model, {"model": model})
 
         async def listed() -> dict[str, list[str]]:
             out = {}

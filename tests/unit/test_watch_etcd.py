@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aetcd
@@ -44,16 +44,6 @@ from modelxds.placement.watch import MeshTables, PlacementWatcher, _Relist
 NS = "modelmesh-serving"
 MakePod = Callable[[Layout, str, str], PodRegistration]
 DEADLINE_S = 5.0  # for convergence; a passing test converges in milliseconds
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_etcd(tmp_path_factory.mktemp("etcd"), port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
 
 
 @pytest_asyncio.fixture
