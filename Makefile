@@ -9,7 +9,7 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
-	bench-build bench-stall bench-scale-large bench-first-config bench-epp compare clean
+	bench-build bench-stall reliability bench-scale-large bench-first-config bench-epp compare clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -48,6 +48,12 @@ unit: setup
 
 e2e: setup models
 	$(PY) -m pytest -q tests/e2e
+
+# the fault-injection suite, recording docs/reliability.md from this run
+reliability: setup models
+	rm -rf bench-results/reliability
+	MODELXDS_RELIABILITY_DIR=bench-results/reliability $(PY) -m pytest -q tests/reliability
+	$(PY) -m tests.reliability.record bench-results/reliability
 
 lint: setup
 	$(VENV)/bin/ruff check .

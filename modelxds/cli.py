@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_NAMESPACE = "modelmesh-serving"
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_XDS = "0.0.0.0:18000"
+DEFAULT_BOOTSTRAP_XDS = "127.0.0.1:18000"
 
 
 def _env(flag: str) -> str:
@@ -273,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     _epp_parser(sub)
 
     boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap (YAML) for a gateway")
-    _add(boot, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
+    _add(
+        boot,
+        "--xds",
+        "modelxds ADS address HOST:PORT; repeat for replicas (default 127.0.0.1:18000)",
+        action="append",
+    )
     _add(boot, "--node-id", "the gateway's node id (shown in modelxds logs)", default="gateway")
     _add(boot, "--admin-address", "Envoy admin HOST:PORT", default="127.0.0.1:15000")
     _add(boot, "--cluster", "the gateway's node cluster", default="modelxds-gateway")
@@ -499,7 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc = (
                 _epp_bootstrap(args)
                 if args.epp
-                else bootstrap(args.xds, args.node_id, args.admin_address, cluster=args.cluster)
+                else bootstrap(
+                    args.xds or DEFAULT_BOOTSTRAP_XDS,
+                    args.node_id,
+                    args.admin_address,
+                    cluster=args.cluster,
+                )
             )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 XDS_CLUSTER = "modelxds"
@@ -21,16 +22,28 @@ def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# HTTP/2 PINGs on the xDS connection: a control plane that vanished without closing the
+# connection (node lost, SIGSTOP, a dropped NAT entry) is found within interval + timeout,
+# and Envoy reconnects, to another replica when --xds lists several.
+XDS_KEEPALIVE = {"interval": "10s", "timeout": "5s"}
+
+
 def bootstrap(
-    xds_address: str, node_id: str, admin_address: str, *, cluster: str = "modelxds-gateway"
+    xds_addresses: str | Sequence[str],
+    node_id: str,
+    admin_address: str,
+    *,
+    cluster: str = "modelxds-gateway",
 ) -> dict[str, Any]:
-    xds_host, xds_port = split_address(xds_address)
+    """A gateway that takes every listener, route and cluster from modelxds over ADS;
+    several ``xds_addresses`` are replicas of one control plane (any one serves it)."""
+    addresses = [xds_addresses] if isinstance(xds_addresses, str) else list(xds_addresses)
+    if not addresses:
+        raise ValueError("give the control plane's address: --xds HOST:PORT")
+    xds = [split_address(a) for a in addresses]
     admin_host, admin_port = split_address(admin_address)
-    try:
-        ipaddress.ip_address(xds_host)
-        discovery = "STATIC"
-    except ValueError:
-        discovery = "STRICT_DNS"  # a Kubernetes Service name
+    # a Kubernetes Service name needs DNS; numeric addresses resolve to themselves there too
+    discovery = "STATIC" if all(_is_ip(host) for host, _ in xds) else "STRICT_DNS"
     ads = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {"id": node_id, "cluster": cluster},
@@ -55,7 +68,9 @@ def bootstrap(
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": "type.googleapis.com/"
                             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
+                            "explicit_http_config": {
+                                "http2_protocol_options": {"connection_keepalive": XDS_KEEPALIVE}
+                            },
                         }
                     },
                     "load_assignment": {
@@ -63,7 +78,8 @@ def bootstrap(
                         "endpoints": [
                             {
                                 "lb_endpoints": [
-                                    {"endpoint": {"address": _socket(xds_host, xds_port)}}
+                                    {"endpoint": {"address": _socket(host, port)}}
+                                    for host, port in xds
                                 ]
                             }
                         ],
@@ -72,6 +88,14 @@ def bootstrap(
             ]
         },
     }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:

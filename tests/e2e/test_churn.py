@@ -7,17 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import http.client
-import itertools
 import signal
-import urllib.error
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 
 from modelxds.localmesh import processes
@@ -25,6 +17,7 @@ from modelxds.localmesh.sample import SampleBackend
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.modelmesh.registrar import PodRegistration
 from tests.e2e.gwclient import Client, answers
+from tests.e2e.load import Request, paced_load
 from tests.e2e.test_strategy_equivalence import (
     LOADED_LONG_AGO,
     PODS,
@@ -47,62 +40,18 @@ HOLDERS = [{0}, {1}, {2}, {0, 1}, {1, 2}, {2, 0}]
 MODELS = [f"m{j}" for j in range(len(HOLDERS))]
 
 
-@dataclass
-class Load:
-    client: Client
-    served: Counter[str] = field(default_factory=Counter)  # by protocol
-    failures: Counter[str] = field(default_factory=Counter)
-    scheduled: int = 0  # what the pacing should have sent, once the load ended
-    seconds: float = 0.0
+def mixed_requests(client: Client) -> Request:
+    """One request in REST_EVERY is REST, the others gRPC, over the models in turn."""
 
-    async def send(self, i: int) -> None:
+    async def request(i: int) -> str:
         model, rest = MODELS[i // REST_EVERY % len(MODELS)], i % REST_EVERY == 0
-        try:
-            if rest:
-                await self.client.rest(model)
-            else:
-                await self.client.grpc("x", [("model", model)])
-        except grpc.aio.AioRpcError as e:
-            self.failures[f"{e.code().name}: {e.details()}"] += 1
-        except urllib.error.HTTPError as e:
-            self.failures[f"HTTP {e.code}: {e.read().decode(errors='replace')}"] += 1
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out
-            self.failures[f"REST {type(e).__name__}: {e}"] += 1
-        else:
-            self.served["REST" if rest else "gRPC"] += 1
+        if rest:
+            await client.rest(model)
+            return "REST"
+        await client.grpc("x", [("model", model)])
+        return "gRPC"
 
-    def check(self, what: str) -> None:
-        print(
-            f"{what}: served {self.served.total()} {dict(self.served)} of {self.scheduled} "
-            f"scheduled in {self.seconds:.1f}s, failures {dict(self.failures)}"
-        )
-        assert not self.failures, f"{what}: failed requests {dict(self.failures)}"
-        # the load really ran, at about its rate
-        assert self.served.total() >= 0.8 * self.scheduled, (what, self.served, self.scheduled)
-
-
-@asynccontextmanager
-async def paced_load(client: Client) -> AsyncIterator[Load]:
-    """Request i goes out at i / RATE s, by whichever of WORKERS workers is free."""
-    load, stop, tickets = Load(client), asyncio.Event(), itertools.count()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-
-    async def worker() -> None:
-        while not stop.is_set():
-            i = next(tickets)
-            await asyncio.sleep(start + i / RATE - loop.time())  # late: at once
-            if not stop.is_set():
-                await load.send(i)
-
-    workers = [asyncio.create_task(worker()) for _ in range(WORKERS)]
-    try:
-        yield load
-    finally:
-        stop.set()
-        load.seconds = loop.time() - start
-        load.scheduled = int(load.seconds * RATE)
-        await asyncio.gather(*workers)
+    return request
 
 
 async def add_copies(reg: PodRegistration, slot: int) -> None:
@@ -147,7 +96,7 @@ async def test_pods_leaving_and_joining_under_load_fail_no_request(
     on a new address takes over its copies (scale: a new cluster)."""
     async with gateway(tmp_path, strategy) as (stack, client):
         slots = await hold_models(stack, client)
-        async with paced_load(client) as load:
+        async with paced_load(mixed_requests(client), RATE, WORKERS) as load:
             for k in range(CHURN):
                 slot = k % PODS
                 leaving = slots[slot]
@@ -173,7 +122,7 @@ async def test_policy_reloads_under_load_fail_no_request(tmp_path: Path, strateg
         await hold_models(stack, client)
         serve, policy = stack.processes[1], stack.workdir / "policy.yaml"
         good = policy.read_text()
-        async with paced_load(client) as load:
+        async with paced_load(mixed_requests(client), RATE, WORKERS) as load:
             for k in range(RELOADS):
                 extra = processes.free_port()
                 changed = good.replace("    - port:", f"    - port: {extra}\n    - port:")
