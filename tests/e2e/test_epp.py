@@ -166,6 +166,26 @@ async def test_with_the_picker_down_fail_close_answers_503_and_unavailable(mesh:
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_with_the_picker_down_fail_open_keeps_headers_only_requests_flowing(
+    mesh: Stack,
+) -> None:
+    """Envoy fails open while no body chunk has gone to the picker: a request without a
+    body (model metadata over REST) goes on by the pool's round robin, to every pod."""
+    gw = await mesh.add_epp_gateway(mesh.rest_port, app_protocol="http", failure_mode="FailOpen")
+    path = f"/v2/models/{SEED_ISVC}"
+
+    async def metadata_ok() -> bool:
+        status, doc = await http_json(gw.gateway, "GET", path)
+        # the answer names the InferenceService's current model
+        return status == 200 and str(doc.get("name")).startswith(f"{SEED_ISVC}__isvc-")
+
+    await wait_until(metadata_ok, 20, "the picker's REST gateway to answer")
+    assert gw.epp is not None
+    gw.epp.kill()
+    for _ in range(6):
+        assert await metadata_ok()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="Envoy 1.40 fails open in FULL_DUPLEX_STREAMED only until a body chunk has gone "
