@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from modelxds.placement.model import MeshPlacement
 
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 API_VERSIONS = ("serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1")
+# What the API server takes as an object's name (RFC 1123 subdomain). The name is the
+# vmodel's etcd key: a "/" in it would put the record where no watcher reads it.
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class InferenceServiceError(ValueError):
@@ -58,8 +62,11 @@ def parse_isvcs(text: str, source: str, *, required: bool = True) -> list[Infere
     error unless not ``required``."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d]
-    except yaml.YAMLError as e:
-        raise InferenceServiceError(f"{source}: invalid YAML: {e}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # PyYAML lets ValueError out of its constructors (2024-13-45 as a date) and
+        # RecursionError out of deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise InferenceServiceError(f"{source}: invalid YAML: {why}") from None
     out, errors = [], []
     for i, doc in enumerate(docs, start=1):
         if not isinstance(doc, dict) or doc.get("kind") != "InferenceService":
@@ -90,26 +97,46 @@ def _isvc(doc: dict[str, Any], where: str) -> InferenceService:
             f"{where}: apiVersion {doc.get('apiVersion')!r} is not one of {', '.join(API_VERSIONS)}"
         )
     name = field("metadata.name")
-    annotations = doc.get("metadata", {}).get("annotations") or {}
-    if annotations.get(DEPLOYMENT_MODE) != "ModelMesh":
+    if not isinstance(name, str) or len(name) > 253 or not _NAME.fullmatch(name):
+        raise InferenceServiceError(
+            f"{where}: metadata.name {str(name)[:100]!r} is not a Kubernetes object name "
+            "(lower case letters, digits, '-' and '.')"
+        )
+    namespace = doc["metadata"].get("namespace", "default")
+    if not isinstance(namespace, str):
+        raise InferenceServiceError(f"{where} ({name}): metadata.namespace must be a string")
+    annotations = doc["metadata"].get("annotations") or {}
+    if not isinstance(annotations, dict) or annotations.get(DEPLOYMENT_MODE) != "ModelMesh":
         raise InferenceServiceError(
             f"{where} ({name}): metadata.annotations.{DEPLOYMENT_MODE} must be ModelMesh"
         )
     predictor = field("spec.predictor")
     model_format = field("spec.predictor.model.modelFormat.name")
-    storage = doc["spec"]["predictor"]["model"].get("storage") or {}
-    if not storage.get("key") or not storage.get("path"):
+    if not isinstance(model_format, str) or not model_format:
         raise InferenceServiceError(
-            f"{where} ({name}): spec.predictor.model.storage needs key and path"
+            f"{where} ({name}): spec.predictor.model.modelFormat.name must be a string"
         )
-    digest = hashlib.sha256(json.dumps(predictor, sort_keys=True).encode()).hexdigest()[:10]
+    storage = doc["spec"]["predictor"]["model"].get("storage") or {}
+    if not isinstance(storage, dict) or not all(
+        isinstance(storage.get(k), str) and storage[k] for k in ("key", "path")
+    ):
+        raise InferenceServiceError(
+            f"{where} ({name}): spec.predictor.model.storage needs key and path (strings)"
+        )
+    try:
+        spec = json.dumps(predictor, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        # what kubectl could not send either: a YAML date, binary or set, a cycle
+        raise InferenceServiceError(
+            f"{where} ({name}): spec.predictor is not JSON data (quote dates): {e}"
+        ) from None
     return InferenceService(
-        name=str(name),
-        namespace=str(doc["metadata"].get("namespace", "default")),
-        model_format=str(model_format).lower(),
-        storage_key=str(storage["key"]),
-        storage_path=str(storage["path"]),
-        spec_hash=digest,
+        name=name,
+        namespace=namespace,
+        model_format=model_format.lower(),
+        storage_key=storage["key"],
+        storage_path=storage["path"],
+        spec_hash=hashlib.sha256(spec.encode()).hexdigest()[:10],
     )
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from modelxds.policy.model import (
     DestinationRule,
     FallbackPolicy,
     HeaderToKey,
+    HttpRetry,
     HttpRoute,
+    OutlierDetection,
     Policy,
     SubsetSelector,
     VirtualService,
@@ -44,6 +48,48 @@ _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _DYNAMIC = "spec.trafficPolicy.loadBalancer.dynamicSubset"
 _PORT_WHY = "modelxds opens one Envoy listener per match port, so every match needs a port"
 _NO_WILDCARD = "wildcard hosts are not supported; name one Service"
+# RFC 9110 token (a pseudo-header such as :authority too): Envoy refuses the whole listener
+# for a header name with a NUL, CR or LF, and no request carries one with a space
+_HEADER_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Envoy refuses a route table whose domains hold a NUL, CR or LF; no Host has a space
+_HOST_NAME = re.compile(r"[^\x00-\x20\x7f]+")
+_OUTLIER = "spec.trafficPolicy.outlierDetection"
+# the Istio fields modelxds reads there and in http[].retries; any other is a typo or an
+# Istio feature that would silently not happen
+_OUTLIER_FIELDS = (
+    "consecutive5xxErrors",
+    "consecutiveGatewayErrors",
+    "interval",
+    "baseEjectionTime",
+    "maxEjectionPercent",
+    "minHealthPercent",
+)
+_RETRY_FIELDS = ("attempts", "perTryTimeout", "retryOn")
+# what Envoy's router takes in retry_on (its x-envoy-retry-on and x-envoy-retry-grpc-on
+# values); Istio passes retryOn through, status codes aside
+_RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+# Istio's duration strings: 1h, 1m, 1s, 1ms, and sums of them such as 1m30s or 1.5s
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:h|ms|m|s))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_UNIT_MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_UINT32_MAX = 2**32 - 1
 
 
 class PolicyError(ValueError):
@@ -232,21 +278,29 @@ def _split_documents(
                 f"column {exc.colno}: {exc.msg}"
             )
             return [], False
+        except (ValueError, RecursionError) as exc:  # an int over 4300 digits, deep nesting
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            errors.append(f"{file} document 1: invalid JSON: {why}")
+            return [], False
     documents: list[object] = []
     try:
         for data in yaml.safe_load_all(text):
             documents.append(data)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML lets ValueError out of its constructors (2024-13-45 as a date, an int of
+        # more than 4300 digits) and RecursionError out of deep nesting
         errors.append(f"{file} document {len(documents) + 1}: {_yaml_problem(exc)}")
         return documents, False
     return documents, True
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: Exception) -> str:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         what = "; ".join(part for part in (exc.context, exc.problem) if part)
         return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    if isinstance(exc, RecursionError):
+        return "invalid YAML: nested too deeply"
     return f"invalid YAML: {exc}"
 
 
@@ -313,10 +367,13 @@ def _destination_rule(
     if "*" in host:
         r.error("spec.host", _NO_WILDCARD)
     traffic = r.section(spec, "trafficPolicy", "spec.trafficPolicy") or {}
+    outlier = _outlier_detection(r, traffic)
     balancer = r.section(traffic, "loadBalancer", "spec.trafficPolicy.loadBalancer") or {}
     dynamic = r.section(balancer, "dynamicSubset", _DYNAMIC)
     if dynamic is None:
-        return DestinationRule(name, namespace, host, (), FallbackPolicy.ANY_ENDPOINT, (), source)
+        return DestinationRule(
+            name, namespace, host, (), FallbackPolicy.ANY_ENDPOINT, (), source, outlier
+        )
 
     default_subset = r.string_map(dynamic, "defaultSubset", f"{_DYNAMIC}.defaultSubset")
     declared = r.fallback(dynamic, "fallbackPolicy", f"{_DYNAMIC}.fallbackPolicy")
@@ -360,6 +417,31 @@ def _destination_rule(
         fallback_policy=cluster_fallback,
         default_subset=default_subset,
         source=source,
+        outlier_detection=outlier,
+    )
+
+
+def _outlier_detection(r: _Reader, traffic: dict[str, Any]) -> OutlierDetection | None:
+    section = r.section(traffic, "outlierDetection", _OUTLIER)
+    if section is None:
+        return None
+    r.known_fields(section, _OUTLIER_FIELDS, _OUTLIER)
+    return OutlierDetection(
+        consecutive_5xx_errors=r.count(
+            section, "consecutive5xxErrors", f"{_OUTLIER}.consecutive5xxErrors"
+        ),
+        consecutive_gateway_errors=r.count(
+            section, "consecutiveGatewayErrors", f"{_OUTLIER}.consecutiveGatewayErrors"
+        ),
+        interval_ms=r.duration_ms(section, "interval", f"{_OUTLIER}.interval"),
+        base_ejection_time_ms=r.duration_ms(
+            section, "baseEjectionTime", f"{_OUTLIER}.baseEjectionTime"
+        ),
+        max_ejection_percent=r.percent(
+            section, "maxEjectionPercent", f"{_OUTLIER}.maxEjectionPercent"
+        ),
+        min_health_percent=r.percent(section, "minHealthPercent", f"{_OUTLIER}.minHealthPercent")
+        or 0,
     )
 
 
@@ -390,6 +472,14 @@ def _virtual_service(
 ) -> VirtualService:
     gateways = r.strings(spec, "gateways", "spec.gateways")
     hosts = r.strings(spec, "hosts", "spec.hosts")
+    for host in hosts:
+        if not _HOST_NAME.fullmatch(host):
+            r.error(
+                "spec.hosts",
+                f"{host[:100]!r} is not a host name: it has a space or control character",
+            )
+    # Envoy matches hosts ignoring case, and refuses a virtual host naming one twice
+    hosts = tuple(dict.fromkeys(host.lower() for host in hosts))
     routes: list[HttpRoute] = []
     items = r.items(
         spec, "http", "spec.http", required_because="modelxds serves only spec.http routes"
@@ -442,6 +532,12 @@ def _http_route(r: _Reader, item: object, path: str, *, default_name: str) -> Ht
         key = r.string(entry, "key", f"{entry_path}.key", required=True)
         if header is None or key is None:
             continue
+        if not _HEADER_NAME.fullmatch(header):
+            r.error(
+                f"{entry_path}.header",
+                f"{header[:100]!r} is not an HTTP header name "
+                "(letters, digits and !#$%&'*+-.^_`|~)",
+            )
         taken = next((hk.header for hk in header_keys if hk.key == key), None)
         if taken is not None:
             r.error(f"{entry_path}.key", f"{key!r} is already taken from header {taken!r}")
@@ -460,7 +556,52 @@ def _http_route(r: _Reader, item: object, path: str, *, default_name: str) -> Ht
         )
     elif destinations:
         host, port = _destination(r, destinations[0], f"{path}.route[0]")
-    return HttpRoute(name, tuple(sorted(ports)), tuple(header_keys), host, port)
+    timeout = r.duration_ms(route, "timeout", f"{path}.timeout")
+    retries = _retries(r, route, f"{path}.retries")
+    return HttpRoute(name, tuple(sorted(ports)), tuple(header_keys), host, port, timeout, retries)
+
+
+def _retries(r: _Reader, route: dict[str, Any], path: str) -> HttpRetry | None:
+    section = r.section(route, "retries", path)
+    if section is None:
+        return None
+    r.known_fields(section, _RETRY_FIELDS, path)
+    attempts = r.count(section, "attempts", f"{path}.attempts")
+    if attempts is None and section.get("attempts") is None:
+        r.error(f"{path}.attempts", "required: the number of retries (0 turns them off)")
+    per_try = r.duration_ms(section, "perTryTimeout", f"{path}.perTryTimeout")
+    text = r.string(section, "retryOn", f"{path}.retryOn")
+    conditions: list[str] = []
+    codes: list[int] = []
+    for token in (t.strip() for t in (text or "").split(",")):
+        if not token:
+            continue
+        if token.isdigit():
+            # as Istio reads retryOn: a status code is retried by retriable-status-codes
+            if 100 <= int(token) <= 599:
+                codes.append(int(token))
+            else:
+                r.error(f"{path}.retryOn", f"{token} is not an HTTP status code (100-599)")
+        elif token in _RETRY_ON:
+            conditions.append(token)
+        else:
+            close = difflib.get_close_matches(token, _RETRY_ON, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            r.error(
+                f"{path}.retryOn",
+                f"{token!r} is not a retry condition{hint}; Envoy's are {', '.join(_RETRY_ON)}, "
+                "or an HTTP status code",
+            )
+    if codes and "retriable-status-codes" not in conditions:
+        conditions.append("retriable-status-codes")
+    if text is not None and not conditions:
+        r.error(f"{path}.retryOn", "names no retry condition")
+    return HttpRetry(
+        attempts=attempts or 0,
+        per_try_timeout_ms=per_try,
+        retry_on=tuple(dict.fromkeys(conditions)) if text is not None else None,
+        retriable_status_codes=tuple(dict.fromkeys(codes)),
+    )
 
 
 def _destination(r: _Reader, item: object, path: str) -> tuple[str, int | None]:
@@ -687,6 +828,52 @@ class _Reader:
             return FallbackPolicy(value)
         allowed = ", ".join(p.value for p in FallbackPolicy)
         self.error(path, f"expected one of {allowed}, got {_describe(value)}")
+        return None
+
+    def known_fields(self, section: dict[str, Any], known: tuple[str, ...], path: str) -> None:
+        for key in section:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                self.error(
+                    f"{path}.{key}",
+                    f"not a field modelxds reads; {hint}it reads {', '.join(known)}",
+                )
+
+    def count(self, parent: dict[str, Any], key: str, path: str) -> int | None:
+        """A non-negative integer (a protobuf uint32)."""
+        value = parent.get(key)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT32_MAX:
+            return value
+        self.error(path, f"expected an integer 0 or more, got {_describe(value)}")
+        return None
+
+    def percent(self, parent: dict[str, Any], key: str, path: str) -> int | None:
+        value = parent.get(key)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100:
+            return value
+        self.error(path, f"expected an integer percentage 0-100, got {_describe(value)}")
+        return None
+
+    def duration_ms(self, parent: dict[str, Any], key: str, path: str) -> int | None:
+        """An Istio duration (``500ms``, ``1s``, ``1m30s``), in whole milliseconds, at
+        least 1 ms as Istio requires."""
+        value = parent.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str) and _DURATION.fullmatch(value):
+            total = sum(
+                Fraction(number) * _UNIT_MS[unit] for number, unit in _DURATION_PART.findall(value)
+            )
+            if total.denominator == 1 and total >= 1:
+                return int(total)
+            self.error(path, f"{value!r} is not a whole number of milliseconds, at least 1ms")
+            return None
+        self.error(path, f"expected a duration such as 500ms, 2s or 1m30s, got {_describe(value)}")
         return None
 
     def port(

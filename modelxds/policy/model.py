@@ -31,6 +31,22 @@ class SubsetSelector:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """``trafficPolicy.outlierDetection`` in Istio's fields: a pod answering errors (or
+    not at all, past the per-try timeout) is ejected from the load balancer for a while.
+    None: Envoy's default for that field."""
+
+    consecutive_5xx_errors: int | None = None
+    consecutive_gateway_errors: int | None = None
+    interval_ms: int | None = None
+    base_ejection_time_ms: int | None = None
+    max_ejection_percent: int | None = None
+    # below this share of healthy pods the balancer ignores health (Envoy's panic
+    # threshold); Istio's default 0 never does
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationRule:
     name: str
     namespace: str
@@ -41,6 +57,7 @@ class DestinationRule:
     fallback_policy: FallbackPolicy
     default_subset: tuple[tuple[str, str], ...]
     source: str
+    outlier_detection: OutlierDetection | None = None
 
     @property
     def subset_keys(self) -> tuple[str, ...]:
@@ -54,12 +71,26 @@ class HeaderToKey:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpRetry:
+    """``http[].retries`` in Istio's fields. ``attempts`` 0 turns retries off; no
+    ``retryOn`` keeps the gateway's default conditions."""
+
+    attempts: int
+    per_try_timeout_ms: int | None = None
+    # Envoy retry_on conditions; status codes given in retryOn go to retriable_status_codes
+    retry_on: tuple[str, ...] | None = None
+    retriable_status_codes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class HttpRoute:
     name: str
     ports: tuple[int, ...]
     header_keys: tuple[HeaderToKey, ...]
     destination_host: str
     destination_port: int | None
+    timeout_ms: int | None = None  # ``http[].timeout``; None: no timeout (model loads take minutes)
+    retries: HttpRetry | None = None  # None: the gateway's default retries
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import json
 import string
 from collections.abc import Sequence
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2
@@ -25,6 +25,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from modelxds.kserve import SERVICE_NAME
+from modelxds.policy.model import HttpRetry, OutlierDetection
 from modelxds.xds.ir import Destination, Options, RestMode
 
 LB_NAMESPACE = "envoy.lb"
@@ -292,7 +293,62 @@ def no_model_route(d: Destination) -> route_components_pb2.Route:
     )
 
 
-def retry_policy() -> route_components_pb2.RetryPolicy:
+def retry_policy(retries: HttpRetry | None = None) -> route_components_pb2.RetryPolicy | None:
+    """The VirtualService route's ``retries`` over the gateway's default, as Istio lays
+    them over its own: ``attempts`` sets the number (0: no retries at all, None), and
+    ``retryOn`` and ``perTryTimeout`` replace the conditions and add a timeout per try.
+    Another pod is preferred for every retry either way."""
+    policy = _default_retry_policy()
+    if retries is None:
+        return policy
+    if retries.attempts == 0:
+        return None
+    policy.num_retries.value = retries.attempts
+    if retries.retry_on is not None:
+        policy.retry_on = ",".join(retries.retry_on)
+        policy.retriable_status_codes.extend(retries.retriable_status_codes)
+    if retries.per_try_timeout_ms is not None:
+        # a try that times out is retried only on 5xx or gateway-error (Envoy's router)
+        policy.per_try_timeout.CopyFrom(ms(retries.per_try_timeout_ms))
+    return policy
+
+
+def route_timeout(d: Destination) -> duration_pb2.Duration:
+    """The VirtualService route's ``timeout``, else none (NO_TIMEOUT)."""
+    return NO_TIMEOUT if d.timeout_ms is None else ms(d.timeout_ms)
+
+
+def apply_outlier_detection(cluster: cluster_pb2.Cluster, od: OutlierDetection | None) -> None:
+    """The DestinationRule's ``outlierDetection`` on ``cluster``, as Istio translates
+    it: each consecutive-errors field given is enforced (0 turns it off), success-rate
+    ejection stays off, and the panic threshold is ``minHealthPercent`` (0: an ejected
+    pod gets no traffic however few pods are left)."""
+    if od is None:
+        return
+    out = outlier_detection_pb2.OutlierDetection(
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0)
+    )
+    if od.consecutive_5xx_errors is not None:
+        out.consecutive_5xx.value = od.consecutive_5xx_errors
+        out.enforcing_consecutive_5xx.value = 100 if od.consecutive_5xx_errors else 0
+    if od.consecutive_gateway_errors is not None:
+        out.consecutive_gateway_failure.value = od.consecutive_gateway_errors
+        out.enforcing_consecutive_gateway_failure.value = (
+            100 if od.consecutive_gateway_errors else 0
+        )
+    if od.interval_ms is not None:
+        out.interval.CopyFrom(ms(od.interval_ms))
+    if od.base_ejection_time_ms is not None:
+        out.base_ejection_time.CopyFrom(ms(od.base_ejection_time_ms))
+    if od.max_ejection_percent:  # Istio: 0 is unset, Envoy's default 10 %
+        out.max_ejection_percent.value = od.max_ejection_percent
+    cluster.outlier_detection.CopyFrom(out)
+    panic = cluster.common_lb_config.healthy_panic_threshold
+    panic.SetInParent()  # 0 must be sent: absent is Envoy's 50 %
+    panic.value = od.min_health_percent
+
+
+def _default_retry_policy() -> route_components_pb2.RetryPolicy:
     return route_components_pb2.RetryPolicy(
         retry_on="connect-failure,refused-stream,reset",
         num_retries=wrappers_pb2.UInt32Value(value=2),

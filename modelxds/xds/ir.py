@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from modelxds.placement.model import MeshPlacement, Placement
 from modelxds.policy import DestinationRule, FallbackPolicy, Policy
-from modelxds.policy.model import HeaderToKey, resolve_host
+from modelxds.policy.model import HeaderToKey, HttpRetry, resolve_host
 from modelxds.xds.resources import Resources
 
 
@@ -61,6 +61,8 @@ class Destination:
     port: int  # the pods' gRPC port
     rest_port: int | None  # the pods' REST proxy port; None: REST is transcoded to gRPC
     mesh: MeshPlacement
+    timeout_ms: int | None = None  # the route's timeout; None: none
+    retries: HttpRetry | None = None  # the route's retries; None: the gateway's default
 
     @property
     def namespace(self) -> str:
@@ -115,6 +117,8 @@ def destinations(placement: Placement, policy: Policy, options: Options) -> Iter
                     (vs.rest_port or options.rest_port) if options.rest is RestMode.PROXY else None
                 ),
                 mesh=placement.meshes.get(namespace, MeshPlacement(namespace)),
+                timeout_ms=http.timeout_ms,
+                retries=http.retries,
             )
 
 

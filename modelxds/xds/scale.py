@@ -59,6 +59,7 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from modelxds.placement.model import MeshPlacement, Placement
 from modelxds.policy import FallbackPolicy, Policy
+from modelxds.policy.model import HttpRetry, OutlierDetection
 from modelxds.xds.builders import (
     GRPC_NOT_FOUND,
     GRPC_UNAVAILABLE,
@@ -67,6 +68,7 @@ from modelxds.xds.builders import (
     NO_HOLDER_HEADER,
     NO_TIMEOUT,
     ads,
+    apply_outlier_detection,
     balanced_header,
     build_listener,
     cluster_name,
@@ -82,6 +84,7 @@ from modelxds.xds.builders import (
     no_model_route,
     rest_match,
     retry_policy,
+    route_timeout,
     virtual_host,
 )
 from modelxds.xds.cache import encode_field
@@ -128,8 +131,11 @@ class ScaleStrategy:
         self.shards = shards
         self._reuse = Reuse()
         self._sharding: dict[str, _Sharding] = {}  # by namespace
-        # by pod set: a push rebuilds a few tables, whose other names kept their pods
-        self._on_match: Memo[tuple[str, ...], bytes] = Memo(_on_match, max_entries=1 << 19)
+        # by pod set (and route timeout): a push rebuilds a few tables, whose other names
+        # kept their pods
+        self._on_match: Memo[tuple[tuple[str, ...], int], bytes] = Memo(
+            lambda key: _on_match(*key), max_entries=1 << 19
+        )
         self._scope: Memo[str, scoped_route_pb2.ScopedRouteConfiguration] = Memo(build_scope)
 
     def __call__(self, placement: Placement, policy: Policy, options: Options) -> Resources:
@@ -175,6 +181,7 @@ class ScaleStrategy:
             for port, rest in protocols:
                 service = cluster_name(d.fqdn, port, rest=rest)
                 clusters[service] = eds_cluster(service, options, http2=not rest)
+                apply_outlier_detection(clusters[service], d.rule.outlier_detection)
                 endpoints[service] = build_service_endpoints(service, d.mesh, port)
                 pods = {
                     iid: pod_cluster_name(d.fqdn, port, iid, rest=rest)
@@ -191,7 +198,7 @@ class ScaleStrategy:
                         scopes[name] = self._scope(name)
                     for name, shard in zip(names[:-1], shards, strict=True):
                         routes[name] = self._reuse.get(
-                            name, self._table, name, model_vhost, shard, pods
+                            name, self._table, name, model_vhost, shard, pods, d.timeout_ms
                         )
                     routes[names[-1]] = self._table(names[-1], no_model_vhost, {}, {})
         self._sharding = sharding
@@ -225,15 +232,29 @@ class ScaleStrategy:
             )
             own = ring[k]
             out[name] = self._reuse.get(
-                name, build_pod_cluster, name, own, others, port, http2, options
+                name,
+                build_pod_cluster,
+                name,
+                own,
+                others,
+                port,
+                http2,
+                options,
+                d.rule.outlier_detection,
             )
         return out
 
     def _table(
-        self, name: str, vhost: bytes, shard: Shard, pods: Mapping[str, str]
+        self,
+        name: str,
+        vhost: bytes,
+        shard: Shard,
+        pods: Mapping[str, str],
+        timeout_ms: int | None = None,
     ) -> route_pb2.RouteConfiguration:
         """A shard's route table: the virtual host (``_virtual_host``) with a route for
-        each name in ``shard`` to the clusters ``pods`` (instance id -> cluster) names."""
+        each name in ``shard`` to the clusters ``pods`` (instance id -> cluster) names,
+        each with the VirtualService route's ``timeout_ms``."""
         config = route_pb2.RouteConfiguration(name=name)
         # built in place: a nested message passed to a constructor is copied
         host = config.virtual_hosts.add()
@@ -245,13 +266,14 @@ class ScaleStrategy:
             # of names, where a message per route would cost ten times as much. Their order
             # does not matter: the cache serializes maps deterministically, sorted by key.
             on_match = self._on_match
+            timeout = timeout_ms or 0
             tree.exact_match_map.MergeFromString(
                 b"".join(
                     [
                         encode_field(
                             1,
                             encode_field(1, n.encode())
-                            + on_match(tuple([pods[i] for i in holders])),
+                            + on_match((tuple([pods[i] for i in holders]), timeout)),
                         )
                         for n, holders in shard.items()
                     ]
@@ -328,9 +350,14 @@ def build_pod_cluster(
     port: int,
     http2: bool,
     options: Options,
+    outlier: OutlierDetection | None = None,
 ) -> cluster_pb2.Cluster:
-    """The pod at ``own`` at priority 0 and ``others`` at priority 1, for retries only:
-    no health checks run, so the pod always looks healthy and takes every first try.
+    """The pod at ``own`` at priority 0 and ``others`` at priority 1, for retries: no
+    health checks run, so the pod looks healthy and takes every first try, unless the
+    DestinationRule's ``outlier`` detection ejects it. Then priority 0 has no healthy
+    host and Envoy sends its whole load to priority 1: requests routed to the pod go
+    to the others at once, as retries do, until it is back. With no others (no
+    ANY_ENDPOINT fallback) the panic threshold decides: Istio's 0 answers 503.
 
     STATIC: it depends on the pods alone, so loads and unloads never touch it.
     """
@@ -338,7 +365,7 @@ def build_pod_cluster(
     _add_endpoints(cla.endpoints.add(), [own], port)
     if others:
         _add_endpoints(cla.endpoints.add(priority=1), others, port)
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         load_assignment=cla,
@@ -346,6 +373,8 @@ def build_pod_cluster(
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,  # among the others
         typed_extension_protocol_options=http2_upstream() if http2 else {},
     )
+    apply_outlier_detection(cluster, outlier)
+    return cluster
 
 
 def build_service_endpoints(
@@ -465,7 +494,7 @@ def _virtual_host(
     vhost = virtual_host(
         d,
         # once here rather than in each of 10,000s of routes
-        retry_policy=failover_retry_policy(),
+        retry_policy=failover_retry_policy(d.retries),
         request_headers_to_add=[balanced_header(rest=rest)],
     )
     route = _fallback_route(fallback, d, service, pods, model_miss=not no_model)
@@ -487,10 +516,14 @@ def _refusal_vhost(d: Destination) -> bytes:
     return serialized
 
 
-def failover_retry_policy() -> route_components_pb2.RetryPolicy:
+def failover_retry_policy(
+    retries: HttpRetry | None = None,
+) -> route_components_pb2.RetryPolicy | None:
     """The subset strategy's retries; each retry also goes to a priority not tried yet
     (a pod's cluster: from the pod to the others)."""
-    policy = retry_policy()
+    policy = retry_policy(retries)
+    if policy is None:
+        return None
     policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
     policy.retry_priority.typed_config.Pack(
         previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1)
@@ -498,10 +531,11 @@ def failover_retry_policy() -> route_components_pb2.RetryPolicy:
     return policy
 
 
-def _on_match(clusters: tuple[str, ...]) -> bytes:
+def _on_match(clusters: tuple[str, ...], timeout_ms: int = 0) -> bytes:
     """``MatchMap.map`` entry value (field 2): an ``OnMatch`` whose action is the route to
-    ``clusters``, as ``_route_on_match(_any_path_route(_spread(clusters)))`` serializes it
-    (a unit test holds them equal), encoded directly: a cold push has 100,000s of these.
+    ``clusters``, as ``_route_on_match(_any_path_route(_spread(clusters, timeout_ms)))``
+    serializes it (a unit test holds them equal), encoded directly: a cold push has
+    100,000s of these.
     Kept: a push changes few pod sets, and an InferenceService shares its model's."""
     if len(clusters) == 1:  # RouteAction.cluster
         action = encode_field(1, clusters[0].encode())
@@ -512,7 +546,10 @@ def _on_match(clusters: tuple[str, ...]) -> bytes:
                 [encode_field(1, encode_field(1, c.encode()) + _WEIGHT_ONE) for c in clusters]
             ),
         )
-    route = _ANY_PATH_FIELD + encode_field(2, action + _NO_TIMEOUT_FIELD)  # Route.match, .route
+    timeout = _NO_TIMEOUT_FIELD
+    if timeout_ms:
+        timeout = encode_field(8, ms(timeout_ms).SerializeToString())
+    route = _ANY_PATH_FIELD + encode_field(2, action + timeout)  # Route.match, .route
     typed = _ROUTE_TYPE_URL_FIELD + encode_field(2, route)  # Any.type_url, .value
     extension = _ROUTE_ACTION_NAME_FIELD + encode_field(2, typed)  # .name, .typed_config
     return encode_field(2, encode_field(2, extension))  # the entry's value: OnMatch.action
@@ -526,9 +563,10 @@ _ROUTE_TYPE_URL_FIELD = encode_field(1, b"type.googleapis.com/envoy.config.route
 _ROUTE_ACTION_NAME_FIELD = encode_field(1, b"route")
 
 
-def _spread(clusters: tuple[str, ...]) -> route_components_pb2.RouteAction:
+def _spread(clusters: tuple[str, ...], timeout_ms: int = 0) -> route_components_pb2.RouteAction:
+    timeout = ms(timeout_ms) if timeout_ms else NO_TIMEOUT
     if len(clusters) == 1:  # most models have one copy; Envoy builds this route faster
-        return route_components_pb2.RouteAction(cluster=clusters[0], timeout=NO_TIMEOUT)
+        return route_components_pb2.RouteAction(cluster=clusters[0], timeout=timeout)
     # Equal weights: every holder has the model loaded, so any of them serves it at once;
     # weighting by free capacity would change every route on every load elsewhere.
     WeightedCluster = route_components_pb2.WeightedCluster
@@ -539,7 +577,7 @@ def _spread(clusters: tuple[str, ...]) -> route_components_pb2.RouteAction:
                 for c in clusters
             ]
         ),
-        timeout=NO_TIMEOUT,
+        timeout=timeout,
     )
 
 
@@ -564,12 +602,12 @@ def _fallback_route(
 ) -> route_components_pb2.Route:
     if policy is FallbackPolicy.ANY_ENDPOINT:
         return _any_path_route(
-            route_components_pb2.RouteAction(cluster=service, timeout=NO_TIMEOUT)
+            route_components_pb2.RouteAction(cluster=service, timeout=route_timeout(d))
         )
     if policy is FallbackPolicy.DEFAULT_SUBSET:
         holders = d.default_subset_pods()
         if holders:
-            return _any_path_route(_spread(tuple(pods[i] for i in holders)))
+            return _any_path_route(_spread(tuple(pods[i] for i in holders), d.timeout_ms or 0))
     # As the subset strategy answers: NO_FALLBACK with pods up is a model no pod holds
     # (404, gRPC NOT_FOUND); a request naming no model, no pod at all, or an empty
     # default subset is 503.

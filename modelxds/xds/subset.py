@@ -29,8 +29,8 @@ from modelxds.xds.builders import (
     GRPC_NOT_FOUND,
     LB_NAMESPACE,
     NO_HOLDER_HEADER,
-    NO_TIMEOUT,
     ads,
+    apply_outlier_detection,
     balanced_header,
     build_listener,
     cluster_name,
@@ -43,6 +43,7 @@ from modelxds.xds.builders import (
     no_model_route,
     rest_match,
     retry_policy,
+    route_timeout,
     virtual_host,
 )
 from modelxds.xds.cache import encode_field
@@ -112,9 +113,11 @@ class SubsetStrategy:
                     name,
                     d,
                     [
-                        _route(grpc_match(), grpc, pods_up=pods_up),
+                        _route(grpc_match(), grpc, d, pods_up=pods_up),
                         # REST to the REST proxy's cluster, or transcoded to gRPC's
-                        _route(rest_match(), rest, pods_up=pods_up, rest=d.rest_port is not None),
+                        _route(
+                            rest_match(), rest, d, pods_up=pods_up, rest=d.rest_port is not None
+                        ),
                         no_model_route(d),
                     ],
                 )
@@ -171,6 +174,9 @@ def build_cluster(
     cluster = eds_cluster(name, options, http2=http2)
     cluster.lb_subset_config.CopyFrom(subset)
     cluster.common_lb_config.update_merge_window.CopyFrom(ms(options.update_merge_window_ms))
+    # an ejected pod leaves every subset it is in: a retry, and the next requests for
+    # the model, go to its other holders
+    apply_outlier_detection(cluster, dr.outlier_detection)
     return cluster
 
 
@@ -223,6 +229,7 @@ def route_table(
 def _route(
     match: route_components_pb2.RouteMatch,
     cluster: str,
+    d: Destination,
     *,
     pods_up: bool,
     rest: bool = False,
@@ -231,7 +238,7 @@ def _route(
     route = route_components_pb2.Route(
         match=match,
         route=route_components_pb2.RouteAction(
-            cluster=cluster, timeout=NO_TIMEOUT, retry_policy=retry_policy()
+            cluster=cluster, timeout=route_timeout(d), retry_policy=retry_policy(d.retries)
         ),
         request_headers_to_add=[balanced_header(rest=rest)],
     )

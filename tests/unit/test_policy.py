@@ -475,8 +475,8 @@ def test_unused_istio_fields_are_tolerated() -> None:
     docs[0]["spec"]["trafficPolicy"]["loadBalancer"]["simple"] = "ROUND_ROBIN"
     docs[0]["spec"]["trafficPolicy"]["connectionPool"] = {"http": {"http2MaxRequests": 10}}
     docs[0]["spec"]["exportTo"] = ["."]
-    http(docs)["timeout"] = "5s"
     http(docs)["route"][0]["weight"] = 100
+    http(docs)["mirrorPercentage"] = {"value": 1.0}
     assert parse_policy(dump(docs)) == parse_policy(SEED_POLICY_YAML)
 
 
