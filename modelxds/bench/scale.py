@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from modelxds.bench import convergence
+from modelxds.bench.adsclient import GatewayClient
 from modelxds.bench.build import NOW, tables
 from modelxds.bench.common import ads_server, machine, summary_ms, write_result
 from modelxds.kserve import descriptor_set_bytes
@@ -46,12 +45,7 @@ from modelxds.xds.bootstrap import bootstrap
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
 from modelxds.xds.ir import Options, RestMode
 from modelxds.xds.resources import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
     PUSH_ORDER,
-    ROUTE,
-    SCOPED_ROUTE,
     SHORT_NAMES,
     WILDCARD_TYPES,
     Resources,
@@ -258,7 +252,9 @@ def _run_clients(port: int, gateways: int) -> None:
         channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]
         )
-        await asyncio.gather(*(_client(channel, f"gw-{i}") for i in range(gateways)))
+        await asyncio.gather(
+            *(GatewayClient(channel, f"gw-{i}", keep=False).run() for i in range(gateways))
+        )
 
     asyncio.run(run())
 
@@ -278,80 +274,6 @@ async def _all_acked(ads: AdsServer, cache: SnapshotCache, types: list[str]) -> 
         for t in types
     ):
         await asyncio.sleep(0.005)
-
-
-async def _client(channel: grpc.aio.Channel, node_id: str) -> None:
-    """Subscribe as Envoy does and ACK every response: CDS, LDS and SRDS whole, EDS by the
-    clusters' names, RDS by the names the listeners (RDS) or scopes (SRDS) give. Resources
-    are read only for those names; Envoy's own cost of applying them is not modelled."""
-    queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
-    for t in (CLUSTER, LISTENER):
-        queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=t, node=base_pb2.Node(id=node_id)))
-
-    async def requests() -> Any:
-        while True:
-            yield await queue.get()
-
-    stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
-        requests()
-    )
-    names: dict[str, list[str]] = {}
-    async for resp in stream:
-        subscribe = _wants(resp)
-        queue.put_nowait(
-            discovery_pb2.DiscoveryRequest(
-                type_url=resp.type_url,
-                version_info=resp.version_info,
-                response_nonce=resp.nonce,
-                resource_names=names.get(resp.type_url, []),
-            )
-        )
-        for type_url, wanted in subscribe.items():
-            if type_url in names and names[type_url] == wanted:
-                continue
-            first = type_url not in names
-            names[type_url] = wanted
-            if first or wanted:  # a new subscription, or new names for it
-                queue.put_nowait(
-                    discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=wanted)
-                )
-
-
-def _wants(resp: discovery_pb2.DiscoveryResponse) -> dict[str, list[str]]:
-    """What a response makes Envoy subscribe to: EDS names from clusters, RDS names from
-    listeners' RDS or from scopes, and SRDS (whole) for listeners with scoped routes."""
-    from envoy.config.cluster.v3 import cluster_pb2
-    from envoy.config.listener.v3 import listener_pb2
-    from envoy.config.route.v3 import scoped_route_pb2
-    from envoy.extensions.filters.network.http_connection_manager.v3 import (
-        http_connection_manager_pb2 as hcm_pb2,
-    )
-
-    if resp.type_url == CLUSTER:
-        clusters = [cluster_pb2.Cluster.FromString(r.value) for r in resp.resources]
-        return {ENDPOINT: sorted(c.name for c in clusters if c.type == cluster_pb2.Cluster.EDS)}
-    if resp.type_url == SCOPED_ROUTE:
-        scopes = [
-            scoped_route_pb2.ScopedRouteConfiguration.FromString(r.value) for r in resp.resources
-        ]
-        return {ROUTE: sorted({s.route_configuration_name for s in scopes})}
-    if resp.type_url != LISTENER:
-        return {}
-    routes, scoped = set(), False
-    for r in resp.resources:
-        for chain in listener_pb2.Listener.FromString(r.value).filter_chains:
-            for f in chain.filters:
-                hcm = hcm_pb2.HttpConnectionManager()
-                if not f.typed_config.Unpack(hcm):
-                    continue
-                if hcm.HasField("scoped_routes"):
-                    scoped = True
-                elif hcm.HasField("rds"):
-                    routes.add(hcm.rds.route_config_name)
-    out: dict[str, list[str]] = {SCOPED_ROUTE: []} if scoped else {}
-    if routes:
-        out[ROUTE] = sorted(routes)
-    return out
 
 
 def main() -> None:

@@ -141,16 +141,30 @@ def wait_for_port(proc: Process, host: str, port: int, timeout: float = 30.0) ->
     )
 
 
-def start_etcd(workdir: Path, client_port: int, peer_port: int | None = None) -> Process:
+def start_etcd(
+    workdir: Path,
+    client_port: int,
+    peer_port: int | None = None,
+    *,
+    name: str = "modelxds",
+    initial_cluster: str | None = None,
+) -> Process:
+    """etcd with its data in ``workdir`` (kept: started again on it, it has what it had).
+
+    Alone, it is a cluster of one; a member of a bigger one is named ``name`` in
+    ``initial_cluster`` (``NAME=PEER_URL,...``), every member in a workdir of its own.
+    A member waits for the others before it answers, but listens at once, so the
+    members can be started one after the other.
+    """
     peer_port = peer_port or free_port()
     client = f"http://127.0.0.1:{client_port}"
     peer = f"http://127.0.0.1:{peer_port}"
     proc = spawn(
-        "etcd",
+        "etcd" if initial_cluster is None else f"etcd-{name}",
         [
             binary("etcd"),
             "--name",
-            "modelxds",
+            name,
             "--data-dir",
             str(workdir / "etcd-data"),
             "--listen-client-urls",
@@ -162,7 +176,7 @@ def start_etcd(workdir: Path, client_port: int, peer_port: int | None = None) ->
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"modelxds={peer}",
+            initial_cluster or f"{name}={peer}",
             "--log-level",
             "warn",
         ],

@@ -19,6 +19,7 @@ from typing import Any
 import aetcd
 
 from modelxds.localmesh import isvc, processes
+from modelxds.localmesh.processes import Process
 from modelxds.localmesh.sample import SampleBackend
 from modelxds.modelmesh import Layout
 from modelxds.modelmesh.registrar import PodRegistration, etcd_client
@@ -75,6 +76,8 @@ class Stack:
     # (runtime HTTP, runtime gRPC, node metrics) ports on each pod address; None: any free
     node_ports: tuple[int, int, int] | None = None
     lease_ttl: int = 10
+    # False: an etcd the caller runs (a cluster, say) already listens on etcd_port
+    own_etcd: bool = True
     gateway_workers: int = 2  # the gateway Envoy's --concurrency
     # "xds": `modelxds serve` programs the gateway; "epp": the gateway is a static
     # bootstrap (`modelxds bootstrap --epp`) asking `modelxds epp` for each request
@@ -122,7 +125,8 @@ class Stack:
         self.xds_port, self.admin_port = self.xds_port or pick(), self.admin_port or pick()
         self.metrics_port, self.etcd_port = self.metrics_port or pick(), self.etcd_port or pick()
         try:
-            self.processes.append(processes.start_etcd(self.workdir, self.etcd_port))
+            if self.own_etcd:
+                self.processes.append(processes.start_etcd(self.workdir, self.etcd_port))
             self.client = etcd_client(self.etcd_url)
             await self.client.connect()
             if self.runtime == "mlserver":
@@ -268,16 +272,19 @@ class Stack:
             proc.stop()
             self.processes.remove(proc)
 
-    async def start_serve(self) -> None:
-        """`modelxds serve` again, on the same ports, after stop_serve."""
-        await self._start_serve()
+    async def start_serve(self, xds_port: int = 0, metrics_port: int = 0) -> Process:
+        """`modelxds serve` again, on the same ports, after stop_serve; given other ports,
+        another replica beside the stack's (stop_serve leaves it running)."""
+        return await self._start_serve(xds_port, metrics_port)
 
-    async def _start_serve(self) -> None:
+    async def _start_serve(self, xds_port: int = 0, metrics_port: int = 0) -> Process:
+        xds_port, metrics_port = xds_port or self.xds_port, metrics_port or self.metrics_port
         policy = self.workdir / "policy.yaml"
         policy.write_text(self.policy_text or seed_policy(self.gateway_port, self.pod_port))
         policy_args = ("--policy", str(policy)) if self.policy_file else ()
+        own = xds_port == self.xds_port
         proc = processes.spawn(
-            "modelxds",
+            "modelxds" if own else f"modelxds-{xds_port}",
             [
                 sys.executable,
                 "-m",
@@ -291,9 +298,9 @@ class Stack:
                 self.layout.service_name,
                 *policy_args,
                 "--xds-address",
-                f"127.0.0.1:{self.xds_port}",
+                f"127.0.0.1:{xds_port}",
                 "--metrics-address",
-                f"127.0.0.1:{self.metrics_port}",
+                f"127.0.0.1:{metrics_port}",
                 "--listen-address",
                 self.listen_address,
                 "--rest-port",
@@ -305,7 +312,8 @@ class Stack:
             self.workdir,
         )
         self.processes.append(proc)
-        await asyncio.to_thread(processes.wait_for_port, proc, "127.0.0.1", self.xds_port)
+        await asyncio.to_thread(processes.wait_for_port, proc, "127.0.0.1", xds_port)
+        return proc
 
     async def add_epp_gateway(
         self,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import logging
 import os
@@ -28,10 +26,8 @@ from pathlib import Path
 import grpc
 import pytest
 from aetcd import rpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -50,6 +46,7 @@ from modelxds.modelmesh.keys import litelinks_item
 from modelxds.placement.etcd import EtcdConnection, EtcdSession, EtcdUnavailable
 from modelxds.placement.watch import PlacementWatcher
 from modelxds.xds.bootstrap import bootstrap
+from tests.certs import Certs, make_certs
 
 pytestmark = pytest.mark.e2e
 
@@ -57,106 +54,6 @@ PASSWORD = "tls-e2e-Pa55word"
 TOKEN_TTL_S = 2
 NS = "modelmesh-serving"
 LONG_AGO = int(time.time() * 1000) - 600_000  # a load that started long ago: loaded
-
-
-# ---- certificates -------------------------------------------------------------------
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _builder(
-    subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(issuer)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-
-
-def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = _key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        _builder(name, subject, key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _leaf(
-    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
-    name: str,
-    usage: list[x509.ObjectIdentifier],
-    names: list[x509.GeneralName] | None = None,
-) -> tuple[bytes, bytes]:
-    key = _key()
-    builder = _builder(name, ca[1].subject, key.public_key()).add_extension(
-        x509.ExtendedKeyUsage(usage), critical=False
-    )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return _pkcs8(key), _pem(builder.sign(ca[0], hashes.SHA256()))
-
-
-@dataclass(frozen=True)
-class Certs:
-    folder: Path
-    ca: Path
-    other_ca: Path  # trusted by nobody here
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def make_certs(folder: Path) -> Certs:
-    folder.mkdir(parents=True, exist_ok=True)
-    ca = _ca("modelxds test CA")
-    server_key, server_cert = _leaf(
-        ca,
-        "etcd",
-        [ExtendedKeyUsageOID.SERVER_AUTH],
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    client_key, client_cert = _leaf(ca, "modelxds-test-client", [ExtendedKeyUsageOID.CLIENT_AUTH])
-    files = {
-        "ca.pem": _pem(ca[1]),
-        "other-ca.pem": _pem(_ca("someone else's CA")[1]),
-        "server.crt": server_cert,
-        "server.key": server_key,
-        "client.crt": client_cert,
-        "client.key": client_key,
-    }
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return Certs(
-        folder,
-        ca=folder / "ca.pem",
-        other_ca=folder / "other-ca.pem",
-        server_cert=folder / "server.crt",
-        server_key=folder / "server.key",
-        client_cert=folder / "client.crt",
-        client_key=folder / "client.key",
-    )
 
 
 # ---- a TLS etcd with authentication ---------------------------------------------------
