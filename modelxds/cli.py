@@ -27,6 +27,7 @@ from modelxds.xds.server import MAX_NAMES, MAX_STREAMS
 
 if TYPE_CHECKING:
     from modelxds.placement.watch import PlacementWatcher
+    from modelxds.xds.bootstrap import XdsTls
 
 DEFAULT_NAMESPACE = "modelmesh-serving"
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -233,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--xds-address", "ADS gRPC listen address HOST:PORT", default=DEFAULT_XDS)
     _add(
         serve,
+        "--xds-tls-cert",
+        "serve xDS (and CSDS, gRPC health on the same port) over TLS with this certificate: "
+        "PEM file, intermediates after it; with --xds-tls-key",
+    )
+    _add(serve, "--xds-tls-key", "the private key of --xds-tls-cert: PEM file, unencrypted")
+    _add(
+        serve,
+        "--xds-client-ca",
+        "mutual TLS: clients must present a certificate signed by a CA of this PEM file, and "
+        "a gateway's node id must be one of its certificate's identities (DNS SAN, URI SAN, "
+        "the last segment of a spiffe:// URI, or the CN of a certificate without SANs); "
+        "with --xds-tls-cert",
+    )
+    _add(
+        serve,
         "--max-gateways",
         "ADS streams served at once; more are refused with RESOURCE_EXHAUSTED",
         type=int,
@@ -245,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=MAX_NAMES,
     )
-    _health_flags(serve, "0.0.0.0:9091")
+    _health_flags(serve, "127.0.0.1:9091")
     _add(serve, "--listen-address", "address gateway listeners bind to", default="0.0.0.0")
     _add(
         serve,
@@ -283,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(boot, "--node-id", "the gateway's node id (shown in modelxds logs)", default="gateway")
     _add(boot, "--admin-address", "Envoy admin HOST:PORT", default="127.0.0.1:15000")
     _add(boot, "--cluster", "the gateway's node cluster", default="modelxds-gateway")
+    _xds_tls_flags(boot, "the gateway reaches modelxds")
     _epp_bootstrap_flags(boot)
 
     status = sub.add_parser(
@@ -291,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "how long the gateway has been behind",
     )
     _add(status, "--xds", "modelxds ADS address HOST:PORT", default="127.0.0.1:18000")
+    _xds_tls_flags(status, "status reaches modelxds")
     _add(status, "--json", "machine-readable output", action="store_true", default=False)
     _inspect_parser(sub)
 
@@ -331,12 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _xds_tls_flags(p: argparse.ArgumentParser, who: str) -> None:
+    """How a client of ours reaches an xDS server that serves TLS (serve --xds-tls-cert)."""
+    _add(p, "--tls-ca", f"{who} over TLS, trusting the CA certificates of this PEM file")
+    _add(
+        p,
+        "--tls-cert",
+        "client certificate PEM file, for a server that asks for one (serve --xds-client-ca); "
+        "with --tls-key and --tls-ca",
+    )
+    _add(p, "--tls-key", "the private key of --tls-cert: PEM file, unencrypted")
+    _add(
+        p,
+        "--tls-server-name",
+        "the name the server's certificate must carry (DNS or IP SAN), also sent as SNI; "
+        "with --tls-ca (default: the gateway checks only the CA; status checks the --xds host)",
+    )
+
+
 def _health_flags(p: argparse.ArgumentParser, metrics_address: str) -> None:
     _add(
         p,
         "--metrics-address",
         "HTTP HOST:PORT of Prometheus /metrics and the probes /healthz (live) and /readyz "
-        "(ready) (empty: off)",
+        "(ready); loopback by default, 0.0.0.0:PORT for Prometheus or kubelet probes from "
+        "elsewhere (empty: off)",
         default=metrics_address,
     )
     _add(
@@ -408,7 +445,7 @@ def _label_parser(sub: Any) -> None:
         "--lease-namespace",
         "namespace of the Lease (default: env POD_NAMESPACE, else the first watched namespace)",
     )
-    _health_flags(label, "0.0.0.0:9092")
+    _health_flags(label, "127.0.0.1:9092")
 
 
 def _epp_parser(sub: Any) -> None:
@@ -439,7 +476,7 @@ def _epp_parser(sub: Any) -> None:
     _add(epp, "--plaintext", "serve without TLS", action="store_true", default=False)
     _add(epp, "--cert-file", "TLS certificate PEM (default: a self-signed one made at start)")
     _add(epp, "--key-file", "TLS private key PEM, with --cert-file")
-    _health_flags(epp, "0.0.0.0:9090")
+    _health_flags(epp, "127.0.0.1:9090")
 
 
 def _epp_bootstrap_flags(boot: argparse.ArgumentParser) -> None:
@@ -478,8 +515,34 @@ def _epp_bootstrap_flags(boot: argparse.ArgumentParser) -> None:
     _add(boot, "--listen-port", "the gateway's listener port", type=_port, default=8008)
 
 
+def _xds_tls(args: argparse.Namespace) -> XdsTls | None:
+    """The bootstrap's TLS to modelxds from --tls-*, None without them; ValueError when
+    they do not go together."""
+    from modelxds.xds.bootstrap import XdsTls
+
+    given = [args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name]
+    if not any(given):
+        return None
+    if not args.tls_ca:
+        raise ValueError("--tls-cert, --tls-key and --tls-server-name need --tls-ca")
+    tls = XdsTls(args.tls_ca, args.tls_cert or None, args.tls_key or None, args.tls_server_name)
+    if not tls.server_name:
+        print(
+            "warning: without --tls-server-name the gateway checks only that the server's "
+            "certificate chains to --tls-ca, not whose it is",
+            file=sys.stderr,
+        )
+    return tls
+
+
 def _epp_bootstrap(args: argparse.Namespace) -> dict[str, Any]:
     from modelxds.xds.bootstrap import epp_bootstrap
+
+    if any([args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name]):
+        raise ValueError(
+            "--tls-* secure the connection to modelxds serve; a gateway in front of a "
+            "picker (--epp) has none (--epp-plaintext says how it reaches the picker)"
+        )
 
     return epp_bootstrap(
         args.epp,
@@ -510,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.node_id,
                     args.admin_address,
                     cluster=args.cluster,
+                    tls=_xds_tls(args),
                 )
             )
         except ValueError as e:
@@ -680,7 +744,12 @@ def _status(args: argparse.Namespace) -> int:
     import grpc
     from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
-    with grpc.insecure_channel(args.xds) as channel:
+    try:
+        channel = _xds_channel(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             resp = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel).FetchClientStatus(
                 csds_pb2.ClientStatusRequest(), timeout=10
@@ -704,6 +773,23 @@ def _status(args: argparse.Namespace) -> int:
             for error in r["errors"]:
                 print(f"{'':<{width}}  {error}")
     return 0
+
+
+def _xds_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to ``--xds``: plaintext, or TLS (mutual with a client certificate) when
+    --tls-ca is given; ValueError (flags and files named) when the flags cannot serve."""
+    from modelxds.xds.tls import channel_credentials
+
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key or args.tls_server_name:
+            raise ValueError("--tls-cert, --tls-key and --tls-server-name need --tls-ca")
+        return grpc.insecure_channel(args.xds)
+    credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    options = []
+    if args.tls_server_name:
+        # gRPC checks the certificate against the target's host unless told another name
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    return grpc.secure_channel(args.xds, credentials, options=options)
 
 
 # every type the server sends, scoped routes included, by the name operators use

@@ -89,6 +89,14 @@ XDS_NACKED_STREAMS = Gauge(
     "ADS streams whose last answer for the type was a NACK (`modelxds status` shows the error)",
     ["type"],
 )
+XDS_IDENTITY_REFUSALS = Counter(
+    "modelxds_xds_identity_refusals_total",
+    "ADS streams refused with PERMISSION_DENIED for the node they name, by reason: "
+    "not_in_certificate (the node id is none of the client certificate's identities), "
+    "no_node_id (the first request names none, with --xds-client-ca), node_id_changed "
+    "(a later request names another node)",
+    ["reason"],
+)
 XDS_BEHIND_STREAMS = Gauge(
     "modelxds_xds_behind_streams",
     "ADS streams that have not ACKed the current config of every type they asked for",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from modelxds.xds.ir import Options, RestMode, Strategy
 from modelxds.xds.scale import ScaleStrategy
 from modelxds.xds.server import AdsServer
 from modelxds.xds.subset import SubsetStrategy
+from modelxds.xds.tls import TlsConfigError, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,26 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {"subset": SubsetStrategy, "scal
 def strategy(name: str) -> Strategy:
     """A fresh translator for ``--strategy``."""
     return STRATEGIES[name]()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC listen address HOST:PORT takes connections from this machine only
+    (a host name other than localhost may resolve to anything: not loopback)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+PLAINTEXT_WARNING = (
+    "xDS is served in plaintext on %s: a client that reaches it reads every pod address and "
+    "every gateway's status, and gateways cannot tell this server from one that sends them "
+    "its own listeners and Lua; serve TLS with --xds-tls-cert and --xds-tls-key, and ask "
+    "gateways for client certificates with --xds-client-ca (docs/security.md)"
+)
 
 
 def policy_fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
@@ -57,6 +79,13 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     except PolicyError as e:
         log.error("invalid policy:\n%s", e)
         return 2
+    try:
+        credentials = server_credentials(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
+    except TlsConfigError as e:
+        log.error("cannot serve xDS over TLS: %s", e)
+        return 2
+    if credentials is None and not is_loopback(args.xds_address):
+        log.warning(PLAINTEXT_WARNING, args.xds_address)
     # --kubernetes without files: nothing is served before the objects are read
     policy = Policy((), ()) if args.kubernetes else default_policy()
     if files is not None:
@@ -74,7 +103,12 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     if watcher is None:
         return 2
     cache = SnapshotCache()
-    ads = AdsServer(cache, max_streams=args.max_gateways, max_names=args.max_names)
+    ads = AdsServer(
+        cache,
+        max_streams=args.max_gateways,
+        max_names=args.max_names,
+        require_identity=bool(args.xds_client_ca),
+    )
     controller = Controller(
         watcher.capture,
         watcher.changed,
@@ -122,7 +156,10 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     server.add_generic_rpc_handlers([ads.handler(), Health.probes(ready).handler()])
     csds.add_to_server(ads, server)
     try:
-        server.add_insecure_port(args.xds_address)
+        if credentials is None:
+            server.add_insecure_port(args.xds_address)
+        else:
+            server.add_secure_port(args.xds_address, credentials)
     except RuntimeError as e:
         log.error("cannot listen on --xds-address %s: %s", args.xds_address, e)
         return 2
@@ -132,9 +169,15 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
         log.error("cannot listen on --metrics-address %s: %s", args.metrics_address, e)
         return 2
     await server.start()
+    security = "plaintext"
+    if args.xds_client_ca:
+        security = f"mutual TLS, client certificates of {args.xds_client_ca}"
+    elif credentials is not None:
+        security = "TLS"
     log.info(
-        "serving xDS on %s; watching etcd %s: %s",
+        "serving xDS on %s (%s); watching etcd %s: %s",
         args.xds_address,
+        security,
         args.etcd,
         ", ".join(f"{ns}={layout.root_prefix}" for ns, layout in layouts),
     )

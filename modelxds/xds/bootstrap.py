@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 XDS_CLUSTER = "modelxds"
@@ -28,15 +29,62 @@ def join_address(host: str, port: int) -> str:
 XDS_KEEPALIVE = {"interval": "10s", "timeout": "5s"}
 
 
+@dataclass(frozen=True)
+class XdsTls:
+    """TLS from the gateway to modelxds (serve --xds-tls-cert): file paths as Envoy will
+    see them (on the gateway's machine or in its pod), so they are not read here."""
+
+    ca: str  # CA certificates the server's certificate must chain to
+    cert: str | None = None  # client certificate, for mutual TLS (serve --xds-client-ca)
+    key: str | None = None
+    server_name: str | None = None  # the server certificate's SAN, sent as SNI
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("give --tls-cert and --tls-key together")
+
+
+TLS_SOCKET = "envoy.transport_sockets.tls"
+UPSTREAM_TLS_CONTEXT = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+)
+
+
+def xds_transport_socket(tls: XdsTls) -> dict[str, Any]:
+    """The xDS cluster's ``transport_socket``: an UpstreamTlsContext that trusts ``tls.ca``,
+    presents the client certificate, and when a server name is given checks the server's
+    certificate for it and sends it as SNI."""
+    validation: dict[str, Any] = {"trusted_ca": {"filename": tls.ca}}
+    # Envoy's client default stops at TLS 1.2; the gRPC server speaks 1.3
+    common: dict[str, Any] = {"tls_params": {"tls_maximum_protocol_version": "TLSv1_3"}}
+    if tls.cert and tls.key:
+        common["tls_certificates"] = [
+            {"certificate_chain": {"filename": tls.cert}, "private_key": {"filename": tls.key}}
+        ]
+    common["validation_context"] = validation
+    context: dict[str, Any] = {"@type": UPSTREAM_TLS_CONTEXT, "common_tls_context": common}
+    name = tls.server_name
+    if name:
+        san_type = "IP_ADDRESS" if _is_ip(name) else "DNS"
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": san_type, "matcher": {"exact": name}}
+        ]
+        if san_type == "DNS":
+            context["sni"] = name  # SNI carries host names only (RFC 6066), never an IP
+    return {"name": TLS_SOCKET, "typed_config": context}
+
+
 def bootstrap(
     xds_addresses: str | Sequence[str],
     node_id: str,
     admin_address: str,
     *,
     cluster: str = "modelxds-gateway",
+    tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """A gateway that takes every listener, route and cluster from modelxds over ADS;
-    several ``xds_addresses`` are replicas of one control plane (any one serves it)."""
+    several ``xds_addresses`` are replicas of one control plane (any one serves it).
+    With ``tls``, the connection to them is TLS (mutual with a client certificate)."""
     addresses = [xds_addresses] if isinstance(xds_addresses, str) else list(xds_addresses)
     if not addresses:
         raise ValueError("give the control plane's address: --xds HOST:PORT")
@@ -45,6 +93,32 @@ def bootstrap(
     # a Kubernetes Service name needs DNS; numeric addresses resolve to themselves there too
     discovery = "STATIC" if all(_is_ip(host) for host, _ in xds) else "STRICT_DNS"
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_cluster: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        "type": discovery,
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {"connection_keepalive": XDS_KEEPALIVE}
+                },
+            }
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket(host, port)}} for host, port in xds
+                    ]
+                }
+            ],
+        },
+    }
+    if tls is not None:
+        xds_cluster["transport_socket"] = xds_transport_socket(tls)
     return {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": _socket(admin_host, admin_port)},
@@ -58,35 +132,7 @@ def bootstrap(
             "cds_config": ads,
             "lds_config": ads,
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER,
-                    "type": discovery,
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {"connection_keepalive": XDS_KEEPALIVE}
-                            },
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {"endpoint": {"address": _socket(host, port)}}
-                                    for host, port in xds
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": [xds_cluster]},
     }
 
 

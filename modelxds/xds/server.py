@@ -5,6 +5,11 @@ stream and per type it remembers what it sent (version, nonce, names) and what
 the gateway said about it. A NACK (a request carrying ``error_detail``) is
 recorded and the rejected version is not sent again; the next new version is.
 
+A stream is one node: a request that names another is refused. With client certificates
+(serve --xds-client-ca) the node id must also be one the certificate allows
+(modelxds.xds.identity), or the stream ends with PERMISSION_DENIED before anything is
+sent.
+
 Wildcard types (CDS, LDS, SRDS) go whole: a resource left out is removed. For the
 named types (EDS, RDS) a gateway keeps what a response leaves out, so a new version
 carries only the resources that changed since this stream last had them: one route
@@ -27,6 +32,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from modelxds import metrics
 from modelxds.xds.cache import SnapshotCache, TypeSnapshot
 from modelxds.xds.convergence import Convergence
+from modelxds.xds.identity import Identity
 from modelxds.xds.resources import (
     CLUSTER,
     ENDPOINT,
@@ -97,15 +103,25 @@ MAX_LARGE_SENDS = 16
 LARGE_SEND_WAIT_S = 10.0
 
 
+Refusal = tuple[grpc.StatusCode, str]
+
+
 class AdsServer:
-    """Serves the cache to up to ``max_streams`` gateways at once."""
+    """Serves the cache to up to ``max_streams`` gateways at once; with
+    ``require_identity``, each only under a node id its client certificate allows."""
 
     def __init__(
-        self, cache: SnapshotCache, *, max_streams: int = MAX_STREAMS, max_names: int = MAX_NAMES
+        self,
+        cache: SnapshotCache,
+        *,
+        max_streams: int = MAX_STREAMS,
+        max_names: int = MAX_NAMES,
+        require_identity: bool = False,
     ) -> None:
         self.cache = cache
         self.max_streams = max_streams
         self.max_names = max_names
+        self.require_identity = require_identity
         self.streams: dict[int, Stream] = {}
         self.convergence = Convergence()
         # computed when scraped; the last server made in a process is the one reported
@@ -141,21 +157,18 @@ class AdsServer:
                 "(serve --max-gateways); try another replica",
             )
         stream = Stream(next(self._ids), context.peer())
+        identity = Identity.of_peer(context.auth_context()) if self.require_identity else None
         self.streams[stream.id] = stream
         wake = asyncio.Event()
         closed = False
-        refusal = ""
+        refusal: Refusal | None = None
 
         async def read() -> None:
             nonlocal closed, refusal
             try:
                 async for req in requests:
-                    if len(req.resource_names) > self.max_names:
-                        refusal = (
-                            f"{SHORT_NAMES.get(req.type_url, req.type_url)} request names "
-                            f"{len(req.resource_names)} resources, over the limit of "
-                            f"{self.max_names} (serve --max-names)"
-                        )
+                    refusal = self._refusal(stream, req, identity)
+                    if refusal is not None:
                         break
                     self._on_request(stream, req)
                     wake.set()
@@ -170,9 +183,12 @@ class AdsServer:
             while True:
                 await wake.wait()
                 wake.clear()
-                if refusal:
-                    log.warning("gateway %s (%s): %s", stream.node_id, stream.peer, refusal)
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                if refusal is not None:
+                    code, why = refusal
+                    log.warning(
+                        "refused gateway %s (%s): %s", stream.node_id or "-", stream.peer, why
+                    )
+                    await context.abort(code, why)
                 if closed:
                     break
                 # one version of every type per cycle: a push landing while this cycle
@@ -218,6 +234,40 @@ class AdsServer:
             if since:
                 behind.append(max(0.0, now - min(since)))
         return behind
+
+    def _refusal(
+        self, stream: Stream, req: discovery_pb2.DiscoveryRequest, identity: Identity | None
+    ) -> Refusal | None:
+        """Why ``req`` ends its stream: more names than allowed, or a node the stream may
+        not be (``identity``: the client certificate's, when identities are required)."""
+        if len(req.resource_names) > self.max_names:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"{SHORT_NAMES.get(req.type_url, req.type_url)} request names "
+                f"{len(req.resource_names)} resources, over the limit of "
+                f"{self.max_names} (serve --max-names)"
+            )
+        node_id = req.node.id
+        if stream.node_id:
+            if node_id and node_id != stream.node_id:
+                metrics.XDS_IDENTITY_REFUSALS.labels("node_id_changed").inc()
+                return grpc.StatusCode.PERMISSION_DENIED, (
+                    f"this stream is node {stream.node_id!r}; a request named node {node_id!r}"
+                )
+            return None
+        if identity is None:
+            return None
+        if not node_id:
+            metrics.XDS_IDENTITY_REFUSALS.labels("no_node_id").inc()
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                "the first request names no node id; it must be one of the client "
+                f"certificate's identities: {identity}"
+            )
+        if not identity.allows(node_id):
+            metrics.XDS_IDENTITY_REFUSALS.labels("not_in_certificate").inc()
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"node id {node_id!r} is not one of the client certificate's identities: {identity}"
+            )
+        return None
 
     def _on_request(self, stream: Stream, req: discovery_pb2.DiscoveryRequest) -> None:
         if req.node.id and not stream.node_id:

@@ -19,7 +19,7 @@ def test_the_defaults() -> None:
     assert args.leader_elect is True
     assert args.lease_name == "modelxds-labeler"
     assert args.lease_namespace is None
-    assert args.metrics_address == "0.0.0.0:9092"
+    assert args.metrics_address == "127.0.0.1:9092"
     assert args.kubeconfig is None
     assert targets(args, _layouts(args)) == [
         Target("modelmesh-serving", "modelmesh-serving", "modelmesh.asm.alibabacloud.com")
