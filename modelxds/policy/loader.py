@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ _NO_WILDCARD = "wildcard hosts are not supported; name one Service"
 _HEADER_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Envoy refuses a route table whose domains hold a NUL, CR or LF; no Host has a space
 _HOST_NAME = re.compile(r"[^\x00-\x20\x7f]+")
+# a code point Python strings can hold but UTF-8 (protobuf, Envoy) cannot
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _OUTLIER = "spec.trafficPolicy.outlierDetection"
 # the Istio fields modelxds reads there and in http[].retries; any other is a typo or an
 # Istio feature that would silently not happen
@@ -65,8 +68,8 @@ _OUTLIER_FIELDS = (
     "minHealthPercent",
 )
 _RETRY_FIELDS = ("attempts", "perTryTimeout", "retryOn")
-# what Envoy's router takes in retry_on (its x-envoy-retry-on and x-envoy-retry-grpc-on
-# values); Istio passes retryOn through, status codes aside
+# what Istio's validation takes in retryOn besides status codes: Envoy's router
+# conditions (x-envoy-retry-on and x-envoy-retry-grpc-on), passed through as they are
 _RETRY_ON = (
     "5xx",
     "gateway-error",
@@ -85,10 +88,17 @@ _RETRY_ON = (
     "resource-exhausted",
     "unavailable",
 )
+# Istio's validation takes a status code in retryOn if Go's http.StatusText names it:
+# the same codes as HTTPStatus
+_STATUS_CODES = frozenset(int(code) for code in HTTPStatus)
 # Istio's duration strings: 1h, 1m, 1s, 1ms, and sums of them such as 1m30s or 1.5s
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:h|ms|m|s))+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:h|ms|m|s))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(h|ms|m|s)")
 _UNIT_MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+# Istio reads a duration into a Go time.Duration (int64 nanoseconds) and refuses a longer
+# one; it is also far below what an Envoy Duration holds
+_DURATION_MAX_MS = (2**63 - 1) // 1_000_000
+_INT32_MAX = 2**31 - 1
 _UINT32_MAX = 2**32 - 1
 
 
@@ -566,42 +576,60 @@ def _retries(r: _Reader, route: dict[str, Any], path: str) -> HttpRetry | None:
     if section is None:
         return None
     r.known_fields(section, _RETRY_FIELDS, path)
-    attempts = r.count(section, "attempts", f"{path}.attempts")
-    if attempts is None and section.get("attempts") is None:
-        r.error(f"{path}.attempts", "required: the number of retries (0 turns them off)")
+    attempts = r.count(section, "attempts", f"{path}.attempts", maximum=_INT32_MAX)
+    if section.get("attempts") is None:
+        attempts = 0  # Istio's attempts is a plain int32: absent is 0, no retries
     per_try = r.duration_ms(section, "perTryTimeout", f"{path}.perTryTimeout")
-    text = r.string(section, "retryOn", f"{path}.retryOn")
-    conditions: list[str] = []
-    codes: list[int] = []
-    for token in (t.strip() for t in (text or "").split(",")):
-        if not token:
-            continue
-        if token.isdigit():
-            # as Istio reads retryOn: a status code is retried by retriable-status-codes
-            if 100 <= int(token) <= 599:
-                codes.append(int(token))
-            else:
-                r.error(f"{path}.retryOn", f"{token} is not an HTTP status code (100-599)")
-        elif token in _RETRY_ON:
-            conditions.append(token)
-        else:
-            close = difflib.get_close_matches(token, _RETRY_ON, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            r.error(
-                f"{path}.retryOn",
-                f"{token!r} is not a retry condition{hint}; Envoy's are {', '.join(_RETRY_ON)}, "
-                "or an HTTP status code",
-            )
-    if codes and "retriable-status-codes" not in conditions:
-        conditions.append("retriable-status-codes")
-    if text is not None and not conditions:
-        r.error(f"{path}.retryOn", "names no retry condition")
+    # Istio keeps its default conditions for an empty retryOn as for none
+    retry_on = None
+    if section.get("retryOn") not in (None, ""):
+        retry_on = _retry_on(r, section["retryOn"], f"{path}.retryOn")
+    if attempts == 0 and (per_try is not None or retry_on is not None):
+        # Istio's validation refuses this too: the other fields would silently not apply
+        r.error(
+            f"{path}.attempts",
+            "0 (or absent) turns retries off; perTryTimeout and retryOn need attempts of 1 or more",
+        )
     return HttpRetry(
         attempts=attempts or 0,
         per_try_timeout_ms=per_try,
-        retry_on=tuple(dict.fromkeys(conditions)) if text is not None else None,
-        retriable_status_codes=tuple(dict.fromkeys(codes)),
+        retry_on=None if retry_on is None else retry_on[0],
+        retriable_status_codes=() if retry_on is None else retry_on[1],
     )
+
+
+def _retry_on(
+    r: _Reader, value: object, path: str
+) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    """``retryOn`` as Istio validates and translates it: comma-separated Envoy retry
+    conditions and HTTP status codes; a status code is retried through
+    ``retriable-status-codes``, which is added when only codes are given."""
+    if not isinstance(value, str):
+        r.error(path, f"expected a string such as 5xx,reset,503, got {_describe(value)}")
+        return None
+    conditions: list[str] = []
+    codes: list[int] = []
+    for token in value.split(","):
+        if token.isascii() and token.isdigit():
+            code = int(token) if len(token) <= 3 else 0
+            if code in _STATUS_CODES:
+                codes.append(code)
+            else:
+                r.error(path, f"{token[:100]} is not an HTTP status code")
+        elif token in _RETRY_ON:
+            conditions.append(token)
+        else:
+            # Istio splits at commas only: " reset" is no condition
+            close = difflib.get_close_matches(token.strip(), _RETRY_ON, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            r.error(
+                path,
+                f"{token[:100]!r} is not a retry condition{hint}; Envoy's are "
+                f"{', '.join(_RETRY_ON)}, or an HTTP status code, comma-separated without spaces",
+            )
+    if codes and "retriable-status-codes" not in conditions:
+        conditions.append("retriable-status-codes")
+    return tuple(dict.fromkeys(conditions)), tuple(dict.fromkeys(codes))
 
 
 def _destination(r: _Reader, item: object, path: str) -> tuple[str, int | None]:
@@ -816,7 +844,7 @@ class _Reader:
                 self.error(path, f"keys must be non-empty strings, got {_describe(k)}")
             elif not isinstance(v, str):
                 self.error(f"{path}.{k}", f"expected a string (quote it), got {_describe(v)}")
-            else:
+            elif self._encodable(k, path) and self._encodable(v, f"{path}.{k}"):
                 pairs.append((k, v))
         return tuple(sorted(pairs))
 
@@ -840,14 +868,16 @@ class _Reader:
                     f"not a field modelxds reads; {hint}it reads {', '.join(known)}",
                 )
 
-    def count(self, parent: dict[str, Any], key: str, path: str) -> int | None:
-        """A non-negative integer (a protobuf uint32)."""
+    def count(
+        self, parent: dict[str, Any], key: str, path: str, *, maximum: int = _UINT32_MAX
+    ) -> int | None:
+        """A non-negative integer, at most ``maximum`` (a protobuf uint32 by default)."""
         value = parent.get(key)
         if value is None:
             return None
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT32_MAX:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum:
             return value
-        self.error(path, f"expected an integer 0 or more, got {_describe(value)}")
+        self.error(path, f"expected an integer 0-{maximum}, got {_describe(value)}")
         return None
 
     def percent(self, parent: dict[str, Any], key: str, path: str) -> int | None:
@@ -860,20 +890,28 @@ class _Reader:
         return None
 
     def duration_ms(self, parent: dict[str, Any], key: str, path: str) -> int | None:
-        """An Istio duration (``500ms``, ``1s``, ``1m30s``), in whole milliseconds, at
-        least 1 ms as Istio requires."""
+        """An Istio duration (``500ms``, ``1.5s``, ``1m30s``), in milliseconds: Istio's
+        validation takes whole milliseconds, at least 1 ms (``0s`` too is refused)."""
         value = parent.get(key)
         if value is None:
             return None
-        if isinstance(value, str) and _DURATION.fullmatch(value):
-            total = sum(
-                Fraction(number) * _UNIT_MS[unit] for number, unit in _DURATION_PART.findall(value)
+        # the length bound keeps numbers short enough for int() to parse
+        if not (isinstance(value, str) and len(value) <= 40 and _DURATION.fullmatch(value)):
+            self.error(
+                path, f"expected a duration such as 500ms, 2s or 1m30s, got {_describe(value)}"
             )
-            if total.denominator == 1 and total >= 1:
-                return int(total)
-            self.error(path, f"{value!r} is not a whole number of milliseconds, at least 1ms")
             return None
-        self.error(path, f"expected a duration such as 500ms, 2s or 1m30s, got {_describe(value)}")
+        total = sum(
+            Fraction(number) * _UNIT_MS[unit] for number, unit in _DURATION_PART.findall(value)
+        )
+        if total < 1:
+            self.error(path, f"{value!r} is under 1ms, which Istio refuses: leave {key} out")
+        elif total.denominator != 1:
+            self.error(path, f"{value!r} is not a whole number of milliseconds")
+        elif total > _DURATION_MAX_MS:
+            self.error(path, f"{value!r} is longer than Istio takes (2562047h)")
+        else:
+            return int(total)
         return None
 
     def port(
@@ -891,6 +929,14 @@ class _Reader:
 
     def _string(self, value: object, path: str) -> str | None:
         if isinstance(value, str) and value:
-            return value
+            return value if self._encodable(value, path) else None
         self.error(path, f"expected a non-empty string, got {_describe(value)}")
         return None
+
+    def _encodable(self, value: str, path: str) -> bool:
+        """YAML and JSON escapes can write half of a surrogate pair (``"\\ud800"``),
+        which no UTF-8 encoder takes: every push would fail on it."""
+        if _SURROGATE.search(value) is None:
+            return True
+        self.error(path, f"{value[:100]!r} is not valid Unicode (a lone \\u surrogate escape)")
+        return False

@@ -275,9 +275,23 @@ def rest_match() -> route_components_pb2.RouteMatch:
     return route_components_pb2.RouteMatch(safe_regex=regex_pb2.RegexMatcher(regex=REST_API_PATH))
 
 
+# Envoy refuses a whole route table whose direct response body is over 4 KiB (its
+# max_direct_response_body_size_bytes); the body says the message twice.
+_LISTED_HEADERS = 10
+_LISTED_HEADER_CHARS = 100
+
+
 def no_model_route(d: Destination) -> route_components_pb2.Route:
     """REST outside the V2 API: there is no model to route by, and no pod would serve it."""
-    headers = ", ".join(dict.fromkeys([*(h.header for h in d.headers), *MODELMESH_HEADERS]))
+    names = list(dict.fromkeys([*(h.header for h in d.headers), *MODELMESH_HEADERS]))
+    # a policy may name many or very long headers: the body lists what fits
+    shown = [
+        n if len(n) <= _LISTED_HEADER_CHARS else f"{n[: _LISTED_HEADER_CHARS - 3]}..."
+        for n in names[:_LISTED_HEADERS]
+    ]
+    if len(names) > _LISTED_HEADERS:
+        shown.append(f"{len(names) - _LISTED_HEADERS} more")
+    headers = ", ".join(shown)
     message = (
         "no model in this request: expected a KServe V2 REST path (/v2/models/{name}/infer, "
         f"/v2/models/{{name}}/ready, /v2/models/{{name}}) or gRPC with one of the headers "
@@ -295,9 +309,9 @@ def no_model_route(d: Destination) -> route_components_pb2.Route:
 
 def retry_policy(retries: HttpRetry | None = None) -> route_components_pb2.RetryPolicy | None:
     """The VirtualService route's ``retries`` over the gateway's default, as Istio lays
-    them over its own: ``attempts`` sets the number (0: no retries at all, None), and
-    ``retryOn`` and ``perTryTimeout`` replace the conditions and add a timeout per try.
-    Another pod is preferred for every retry either way."""
+    them over its own: ``attempts`` sets the number (0: no retry policy at all, None),
+    ``retryOn`` replaces the conditions and status codes, ``perTryTimeout`` bounds each
+    try. Another pod is preferred for every retry either way."""
     policy = _default_retry_policy()
     if retries is None:
         return policy
@@ -306,9 +320,11 @@ def retry_policy(retries: HttpRetry | None = None) -> route_components_pb2.Retry
     policy.num_retries.value = retries.attempts
     if retries.retry_on is not None:
         policy.retry_on = ",".join(retries.retry_on)
+        del policy.retriable_status_codes[:]
         policy.retriable_status_codes.extend(retries.retriable_status_codes)
     if retries.per_try_timeout_ms is not None:
-        # a try that times out is retried only on 5xx or gateway-error (Envoy's router)
+        # Envoy's router resets a try that times out, and retries it when retry_on has
+        # reset, 5xx or gateway-error (the default's reset does)
         policy.per_try_timeout.CopyFrom(ms(retries.per_try_timeout_ms))
     return policy
 

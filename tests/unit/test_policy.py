@@ -21,6 +21,7 @@ from modelxds.policy import (
     load_policy,
     parse_policy,
 )
+from modelxds.policy.model import HttpRetry, OutlierDetection
 from modelxds.policy.seed import SEED_POLICY_YAML
 
 KEY = "modelmesh.asm.alibabacloud.com"
@@ -615,3 +616,310 @@ def test_policy_error_is_a_value_error_listing_every_problem() -> None:
     assert isinstance(error, ValueError)
     assert error.errors == ["a: one", "b: two"]
     assert str(error) == "a: one\nb: two"
+
+
+# --- outlierDetection, timeout and retries: Istio's fields, read as Istio reads them -----
+
+OUTLIER = "spec.trafficPolicy.outlierDetection"
+
+
+def outlier(docs: list[Doc]) -> Doc:
+    """The DestinationRule's outlierDetection, created empty."""
+    result: Doc = docs[0]["spec"]["trafficPolicy"].setdefault("outlierDetection", {})
+    return result
+
+
+def test_outlier_detection_timeout_and_retries_read_into_exact_values() -> None:
+    docs = seed_docs()
+    outlier(docs).update(
+        consecutive5xxErrors=3,
+        consecutiveGatewayErrors=0,
+        interval="1m30s",
+        baseEjectionTime="1.5s",
+        maxEjectionPercent=50,
+        minHealthPercent=20,
+    )
+    http(docs)["timeout"] = "500ms"
+    http(docs)["retries"] = {"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx,503,reset"}
+    policy = parse_policy(dump(docs))
+    assert policy.destination_rules[0].outlier_detection == OutlierDetection(
+        consecutive_5xx_errors=3,
+        consecutive_gateway_errors=0,
+        interval_ms=90_000,
+        base_ejection_time_ms=1500,
+        max_ejection_percent=50,
+        min_health_percent=20,
+    )
+    route = policy.virtual_services[0].routes[0]
+    assert route.timeout_ms == 500
+    # a status code is retried through retriable-status-codes, added after the conditions
+    assert route.retries == HttpRetry(
+        attempts=3,
+        per_try_timeout_ms=2000,
+        retry_on=("5xx", "reset", "retriable-status-codes"),
+        retriable_status_codes=(503,),
+    )
+
+
+def test_without_the_fields_nothing_is_set() -> None:
+    policy = parse_policy(SEED_POLICY_YAML)
+    assert policy.destination_rules[0].outlier_detection is None
+    route = policy.virtual_services[0].routes[0]
+    assert (route.timeout_ms, route.retries) == (None, None)
+
+
+def test_an_empty_outlier_detection_turns_it_on_with_envoys_defaults() -> None:
+    docs = seed_docs()
+    outlier(docs)
+    assert parse_policy(dump(docs)).destination_rules[0].outlier_detection == OutlierDetection()
+
+
+@pytest.mark.parametrize(
+    ("duration", "ms"),
+    [
+        ("500ms", 500),
+        ("1.5s", 1500),
+        ("1m30s", 90_000),
+        ("2h", 7_200_000),
+        ("1h0m0.001s", 3_600_001),
+        ("0.25s", 250),
+        ("1ms", 1),
+        ("2562047h", 2562047 * 3_600_000),
+    ],
+)
+def test_durations_in_istios_format(duration: str, ms: int) -> None:
+    docs = seed_docs()
+    http(docs)["timeout"] = duration
+    outlier(docs)["interval"] = duration
+    policy = parse_policy(dump(docs))
+    assert policy.virtual_services[0].routes[0].timeout_ms == ms
+    assert policy.destination_rules[0].outlier_detection is not None
+    assert policy.destination_rules[0].outlier_detection.interval_ms == ms
+
+
+def _retries(**fields: object) -> Callable[[list[Doc]], None]:
+    return _set([*_HTTP, "retries"], fields)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        pytest.param(
+            _set([*_HTTP, "timeout"], "0s"),
+            f"{VS_AT}: spec.http[0].timeout: '0s' is under 1ms, which Istio refuses: "
+            "leave timeout out",
+            id="timeout-0s",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "0.5ms"),
+            f"{VS_AT}: spec.http[0].timeout: '0.5ms' is under 1ms",
+            id="timeout-under-1ms",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "1.5ms"),
+            f"{VS_AT}: spec.http[0].timeout: '1.5ms' is not a whole number of milliseconds",
+            id="timeout-fraction-of-ms",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], 5),
+            f"{VS_AT}: spec.http[0].timeout: expected a duration such as 500ms, 2s or 1m30s, got 5",
+            id="timeout-a-number",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "5 s"),
+            f"{VS_AT}: spec.http[0].timeout: expected a duration",
+            id="timeout-with-a-space",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "1d"),
+            f"{VS_AT}: spec.http[0].timeout: expected a duration",
+            id="timeout-in-days",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "-1s"),
+            f"{VS_AT}: spec.http[0].timeout: expected a duration",
+            id="timeout-negative",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "2562048h"),
+            f"{VS_AT}: spec.http[0].timeout: '2562048h' is longer than Istio takes",
+            id="timeout-past-gos-duration",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "9" * 5000 + "s"),
+            f"{VS_AT}: spec.http[0].timeout: expected a duration",
+            id="timeout-of-5000-digits",
+        ),
+        pytest.param(
+            _set([*_HTTP, "timeout"], "\u0663s"),
+            f"{VS_AT}: spec.http[0].timeout: expected a duration",
+            id="timeout-in-arabic-digits",
+        ),
+        pytest.param(
+            _set([0, "spec", "trafficPolicy", "outlierDetection"], ["x"]),
+            f"{DR_AT}: {OUTLIER}: expected a mapping, got a list",
+            id="outlier-a-list",
+        ),
+        pytest.param(
+            _set([0, "spec", "trafficPolicy", "outlierDetection"], {"maxEjectionPercent": 101}),
+            f"{DR_AT}: {OUTLIER}.maxEjectionPercent: expected an integer percentage 0-100, got 101",
+            id="max-ejection-over-100",
+        ),
+        pytest.param(
+            _set([0, "spec", "trafficPolicy", "outlierDetection"], {"minHealthPercent": -1}),
+            f"{DR_AT}: {OUTLIER}.minHealthPercent: expected an integer percentage 0-100, got -1",
+            id="min-health-negative",
+        ),
+        pytest.param(
+            _set([0, "spec", "trafficPolicy", "outlierDetection"], {"consecutive5xxErrors": "5"}),
+            f"{DR_AT}: {OUTLIER}.consecutive5xxErrors: expected an integer 0-4294967295, got '5'",
+            id="consecutive-a-string",
+        ),
+        pytest.param(
+            _set(
+                [0, "spec", "trafficPolicy", "outlierDetection"], {"consecutiveGatewayErrors": True}
+            ),
+            f"{DR_AT}: {OUTLIER}.consecutiveGatewayErrors: expected an integer",
+            id="consecutive-a-bool",
+        ),
+        pytest.param(
+            _set([0, "spec", "trafficPolicy", "outlierDetection"], {"interval": "10"}),
+            f"{DR_AT}: {OUTLIER}.interval: expected a duration such as 500ms, 2s or 1m30s, "
+            "got '10'",
+            id="interval-without-unit",
+        ),
+        pytest.param(
+            _set([0, "spec", "trafficPolicy", "outlierDetection"], {"baseEjectionTime": "0ms"}),
+            f"{DR_AT}: {OUTLIER}.baseEjectionTime: '0ms' is under 1ms",
+            id="base-ejection-0",
+        ),
+        pytest.param(
+            _set([*_HTTP, "retries"], 3),
+            f"{VS_AT}: spec.http[0].retries: expected a mapping, got 3",
+            id="retries-a-number",
+        ),
+        pytest.param(
+            _retries(attempts=-1),
+            f"{VS_AT}: spec.http[0].retries.attempts: expected an integer 0-2147483647, got -1",
+            id="attempts-negative",
+        ),
+        pytest.param(
+            _retries(attempts=2**31),
+            f"{VS_AT}: spec.http[0].retries.attempts: expected an integer 0-2147483647",
+            id="attempts-past-int32",
+        ),
+        pytest.param(
+            _retries(attempts="3"),
+            f"{VS_AT}: spec.http[0].retries.attempts: expected an integer 0-2147483647, got '3'",
+            id="attempts-a-string",
+        ),
+        pytest.param(
+            _retries(perTryTimeout="2s"),
+            f"{VS_AT}: spec.http[0].retries.attempts: 0 (or absent) turns retries off; "
+            "perTryTimeout and retryOn need attempts of 1 or more",
+            id="per-try-timeout-without-attempts",
+        ),
+        pytest.param(
+            _retries(attempts=0, retryOn="5xx"),
+            f"{VS_AT}: spec.http[0].retries.attempts: 0 (or absent) turns retries off",
+            id="retry-on-with-attempts-0",
+        ),
+        pytest.param(
+            _retries(attempts=2, perTryTimeout="0s"),
+            f"{VS_AT}: spec.http[0].retries.perTryTimeout: '0s' is under 1ms",
+            id="per-try-timeout-0s",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn="5xx, reset"),
+            f"{VS_AT}: spec.http[0].retries.retryOn: ' reset' is not a retry condition "
+            "(did you mean reset?)",
+            id="retry-on-with-a-space",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn="5xxx"),
+            f"{VS_AT}: spec.http[0].retries.retryOn: '5xxx' is not a retry condition "
+            "(did you mean 5xx?)",
+            id="retry-on-typo",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn="5xx,"),
+            f"{VS_AT}: spec.http[0].retries.retryOn: '' is not a retry condition",
+            id="retry-on-trailing-comma",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn="299"),
+            f"{VS_AT}: spec.http[0].retries.retryOn: 299 is not an HTTP status code",
+            id="retry-on-unnamed-status",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn="9" * 5000),
+            f"{VS_AT}: spec.http[0].retries.retryOn: {'9' * 100} is not an HTTP status code",
+            id="retry-on-of-5000-digits",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn="\u00b2"),
+            f"{VS_AT}: spec.http[0].retries.retryOn: '\u00b2' is not a retry condition",
+            id="retry-on-superscript-digit",
+        ),
+        pytest.param(
+            _retries(attempts=2, retryOn=503),
+            f"{VS_AT}: spec.http[0].retries.retryOn: expected a string such as 5xx,reset,503, "
+            "got 503",
+            id="retry-on-a-number",
+        ),
+    ],
+)
+def test_rejected_values_name_the_field(mutate: Callable[[list[Doc]], None], expected: str) -> None:
+    docs = seed_docs()
+    mutate(docs)
+    errors = errors_of(dump(docs))
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "expected"),
+    [
+        (OUTLIER, "consecutive5xxError", "did you mean consecutive5xxErrors? "),
+        (OUTLIER, "baseEjectionTimes", "did you mean baseEjectionTime? "),
+        (OUTLIER, "splitExternalLocalOriginErrors", "it reads consecutive5xxErrors, "),
+        ("spec.http[0].retries", "perTryTimout", "did you mean perTryTimeout? "),
+        ("spec.http[0].retries", "retryRemoteLocalities", "it reads attempts, "),
+    ],
+)
+def test_an_unknown_field_is_an_error_with_a_did_you_mean(
+    section: str, field: str, expected: str
+) -> None:
+    docs = seed_docs()
+    if section == OUTLIER:
+        outlier(docs)[field] = 1
+        at = DR_AT
+    else:
+        http(docs)["retries"] = {"attempts": 2, field: 1}
+        at = VS_AT
+    [error] = errors_of(dump(docs))
+    assert error.startswith(f"{at}: {section}.{field}: not a field modelxds reads; "), error
+    assert expected in error
+
+
+def test_retries_as_istio_reads_them() -> None:
+    def retries(section: Doc) -> HttpRetry | None:
+        docs = seed_docs()
+        http(docs)["retries"] = section
+        return parse_policy(dump(docs)).virtual_services[0].routes[0].retries
+
+    # attempts is a plain int32 in Istio: absent is 0, and 0 turns retries off
+    assert retries({}) == HttpRetry(attempts=0)
+    assert retries({"attempts": 0}) == HttpRetry(attempts=0)
+    # an empty retryOn keeps the default conditions, as no retryOn does
+    assert retries({"attempts": 4, "retryOn": ""}) == HttpRetry(attempts=4)
+    # status codes alone: retriable-status-codes is added for them
+    assert retries({"attempts": 1, "retryOn": "503,504,503"}) == HttpRetry(
+        attempts=1, retry_on=("retriable-status-codes",), retriable_status_codes=(503, 504)
+    )
+    assert retries(
+        {"attempts": 1, "retryOn": "retriable-status-codes,unavailable,429,cancelled"}
+    ) == HttpRetry(
+        attempts=1,
+        retry_on=("retriable-status-codes", "unavailable", "cancelled"),
+        retriable_status_codes=(429,),
+    )

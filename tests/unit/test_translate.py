@@ -323,3 +323,110 @@ def test_rest_path_rule_reads_query_strings_versions_metadata_and_ready() -> Non
     for path in ("/inference.GRPCInferenceService/ModelInfer", "/v2/health/ready", "/v2"):
         match = pattern.fullmatch(path)
         assert match is not None and not match.group(1), path
+
+
+# --- outlierDetection, timeout and retries, translated as Istio translates them ----------
+
+RETRIES = "{attempts: 3, perTryTimeout: 2s, retryOn: '5xx,reset,503'}"
+
+
+def resilient_policy(retries: str = RETRIES) -> str:
+    """The seed with outlier detection on its DestinationRule, and a timeout and
+    ``retries`` on its route."""
+    return SEED_POLICY_YAML.replace(
+        "  trafficPolicy:\n",
+        "  trafficPolicy:\n"
+        "    outlierDetection:\n"
+        "      consecutive5xxErrors: 3\n"
+        "      consecutiveGatewayErrors: 0\n"
+        "      interval: 1m30s\n"
+        "      baseEjectionTime: 1.5s\n"
+        "      maxEjectionPercent: 50\n"
+        "      minHealthPercent: 20\n",
+    ).replace(
+        "    name: default\n", f"    name: default\n    timeout: 500ms\n    retries: {retries}\n"
+    )
+
+
+def assert_resilient_cluster(cluster: cluster_pb2.Cluster) -> None:
+    """``cluster`` ejects as resilient_policy() says, in Istio's translation: each
+    consecutive-errors field enforced at 100 % unless 0, success rate never."""
+    assert json_format.MessageToDict(cluster.outlier_detection) == {
+        "consecutive5xx": 3,
+        "enforcingConsecutive5xx": 100,
+        "consecutiveGatewayFailure": 0,
+        "enforcingConsecutiveGatewayFailure": 0,
+        "enforcingSuccessRate": 0,
+        "interval": "90s",
+        "baseEjectionTime": "1.500s",
+        "maxEjectionPercent": 50,
+    }
+    assert cluster.common_lb_config.healthy_panic_threshold.value == 20
+
+
+def test_outlier_detection_and_the_panic_threshold_reach_every_cluster() -> None:
+    cds = translate_subset(_placement(), parse_policy(resilient_policy()), OPTIONS)[CLUSTER]
+    assert sorted(cds) == [REST_CLUSTER, GRPC_CLUSTER]
+    for cluster in map(_cluster, cds.values()):
+        assert_resilient_cluster(cluster)
+        assert cluster.HasField("lb_subset_config")
+
+
+def test_an_empty_outlier_detection_keeps_envoys_defaults_and_turns_panic_off() -> None:
+    text = SEED_POLICY_YAML.replace(
+        "  trafficPolicy:\n", "  trafficPolicy:\n    outlierDetection: {}\n"
+    )
+    cluster = _cluster(
+        translate_subset(_placement(), parse_policy(text), OPTIONS)[CLUSTER][GRPC_CLUSTER]
+    )
+    # consecutive 5xx at Envoy's 5, gateway errors off, 10 s sweeps, 30 s, 10 %: unset
+    assert json_format.MessageToDict(cluster.outlier_detection) == {"enforcingSuccessRate": 0}
+    # Istio's minHealthPercent 0 must be sent: absent is Envoy's 50 %
+    assert cluster.common_lb_config.HasField("healthy_panic_threshold")
+    assert cluster.common_lb_config.healthy_panic_threshold.value == 0
+
+
+def test_without_outlier_detection_a_cluster_has_none_and_envoys_panic_threshold() -> None:
+    for cluster in map(
+        _cluster, translate_subset(_placement(), default_policy(), OPTIONS)[CLUSTER].values()
+    ):
+        assert not cluster.HasField("outlier_detection")
+        assert not cluster.common_lb_config.HasField("healthy_panic_threshold")
+
+
+def test_timeout_and_retries_reach_the_grpc_and_the_rest_route() -> None:
+    resources = translate_subset(_placement(), parse_policy(resilient_policy()), OPTIONS)
+    default = _routes(translate_subset(_placement(), default_policy(), OPTIONS))[0].route
+    grpc, rest, _ = _routes(resources)
+    for route in (grpc.route, rest.route):
+        assert route.timeout.ToMilliseconds() == 500
+        retry = route.retry_policy
+        assert retry.num_retries.value == 3
+        assert retry.retry_on == "5xx,reset,retriable-status-codes"
+        assert list(retry.retriable_status_codes) == [503]
+        assert retry.per_try_timeout.ToMilliseconds() == 2000
+        # another pod for each retry, as without the VirtualService's retries
+        assert list(retry.retry_host_predicate) == list(default.retry_policy.retry_host_predicate)
+
+
+def test_without_timeout_and_retries_routes_never_time_out_and_keep_the_default_retries() -> None:
+    grpc = _routes(translate_subset(_placement(), default_policy(), OPTIONS))[0].route
+    assert grpc.HasField("timeout") and grpc.timeout.ToMilliseconds() == 0  # 0: none
+    assert grpc.retry_policy.retry_on == "connect-failure,refused-stream,reset"
+    assert grpc.retry_policy.num_retries.value == 2
+    assert not grpc.retry_policy.HasField("per_try_timeout")
+
+
+def test_retries_without_retry_on_keep_the_default_conditions() -> None:
+    policy = parse_policy(resilient_policy("{attempts: 5}"))
+    grpc = _routes(translate_subset(_placement(), policy, OPTIONS))[0].route
+    assert grpc.retry_policy.num_retries.value == 5
+    assert grpc.retry_policy.retry_on == "connect-failure,refused-stream,reset"
+
+
+@pytest.mark.parametrize("retries", ["{attempts: 0}", "{}"])
+def test_attempts_0_removes_the_retry_policy(retries: str) -> None:
+    resources = translate_subset(_placement(), parse_policy(resilient_policy(retries)), OPTIONS)
+    for route in _routes(resources)[:2]:
+        assert not route.route.HasField("retry_policy")
+        assert route.route.timeout.ToMilliseconds() == 500

@@ -36,6 +36,8 @@ from tests.unit.test_translate import (
     KEY,
     NOW,
     OPTIONS,
+    assert_resilient_cluster,
+    resilient_policy,
     several_headers_and_ports,
 )
 from tests.unit.test_translate import _placement as seed_placement
@@ -543,10 +545,15 @@ def test_placement_never_changes_a_listener(strategy: Strategy) -> None:
         assert _serialized(resources, LISTENER) == listeners
 
 
+@pytest.mark.parametrize("timeout_ms", [0, 500, 1500, 90_000, 2562047 * 3_600_000])
 @pytest.mark.parametrize("clusters", [("a.ns:8033",), ("a.ns:8033", "b.ns:8033", "c.ns:8008/rest")])
-def test_a_names_route_is_encoded_as_its_message_serializes(clusters: tuple[str, ...]) -> None:
-    route = scale._route_on_match(scale._any_path_route(scale._spread(clusters)))
-    assert scale._on_match(clusters) == encode_field(2, route.SerializeToString(deterministic=True))
+def test_a_names_route_is_encoded_as_its_message_serializes(
+    clusters: tuple[str, ...], timeout_ms: int
+) -> None:
+    route = scale._route_on_match(scale._any_path_route(scale._spread(clusters, timeout_ms)))
+    assert scale._on_match(clusters, timeout_ms) == encode_field(
+        2, route.SerializeToString(deterministic=True)
+    )
 
 
 def test_a_pod_lists_a_few_neighbours_for_retries_so_a_pod_joining_changes_only_theirs() -> None:
@@ -579,3 +586,89 @@ def test_a_pod_lists_a_few_neighbours_for_retries_so_a_pod_joining_changes_only_
     changed = {n for n in before if before[n] != after[n]}
     # pod-10 joins after pod-09: only the three pods before it list it
     assert changed == {c(i) for i in ("pod-07", "pod-08", "pod-09") for c in (_pod, _rest_pod)}
+
+
+# --- outlierDetection, timeout and retries: as the subset strategy translates them -------
+
+
+def test_outlier_detection_reaches_the_service_and_every_pod_cluster() -> None:
+    resources = translate_scale(_placement(), parse_policy(resilient_policy()), OPTIONS)
+    assert len(resources[CLUSTER]) == 8
+    for cluster in map(_cluster, resources[CLUSTER].values()):
+        # a pod ejected from its own cluster leaves priority 0 empty: its requests go
+        # to the other pods at once
+        assert_resilient_cluster(cluster)
+
+
+def test_the_timeout_reaches_every_names_route_and_the_fallback() -> None:
+    resources = translate_scale(_placement(), parse_policy(resilient_policy()), OPTIONS)
+    routes = 0
+    for name, table in resources[ROUTE].items():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        vhost = table.virtual_hosts[0]
+        actions = [_route(m) for m in _entries(table).values()]
+        actions += [r for r in vhost.routes if not r.HasField("direct_response")]
+        if not vhost.routes:
+            actions.append(_route(vhost.matcher.on_no_match))
+        for route in actions:
+            assert route.route.timeout.ToMilliseconds() == 500, name
+        routes += len(actions)
+    assert routes == 16  # 3 names x 2 protocols, and the fallback of each of 10 tables
+
+
+def test_retries_are_the_virtual_hosts_with_failover_to_the_other_pods() -> None:
+    resources = translate_scale(_placement(), parse_policy(resilient_policy()), OPTIONS)
+    for table in resources[ROUTE].values():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        retry = table.virtual_hosts[0].retry_policy
+        assert retry.num_retries.value == 3
+        assert retry.retry_on == "5xx,reset,retriable-status-codes"
+        assert list(retry.retriable_status_codes) == [503]
+        assert retry.per_try_timeout.ToMilliseconds() == 2000
+        assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+
+
+@pytest.mark.parametrize("retries", ["{attempts: 0}", "{}"])
+def test_attempts_0_removes_retries_and_their_failover(retries: str) -> None:
+    policy = parse_policy(resilient_policy(retries))
+    for table in translate_scale(_placement(), policy, OPTIONS)[ROUTE].values():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        assert not table.virtual_hosts[0].HasField("retry_policy")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        SEED_POLICY_YAML,
+        resilient_policy(),
+        resilient_policy("{attempts: 1, retryOn: '503,unavailable'}"),
+        resilient_policy("{attempts: 0}"),
+    ],
+)
+def test_both_strategies_time_out_retry_and_eject_alike(text: str) -> None:
+    policy = parse_policy(text)
+    subset, by_scale = (
+        translate_subset(_placement(), policy, OPTIONS),
+        translate_scale(_placement(), policy, OPTIONS),
+    )
+    table = subset[ROUTE]["8008"]
+    assert isinstance(table, route_pb2.RouteConfiguration)
+    grpc = table.virtual_hosts[0].routes[0].route
+    expected_retry = route_components_pb2.RetryPolicy()
+    expected_retry.CopyFrom(grpc.retry_policy)
+    for name in ("8008/1", "8008/rest/2"):
+        vhost = _table(by_scale, name).virtual_hosts[0]
+        (on_match,) = _entries(_table(by_scale, name)).values()
+        assert _route(on_match).route.timeout == grpc.timeout
+        retry = route_components_pb2.RetryPolicy()
+        retry.CopyFrom(vhost.retry_policy)
+        retry.ClearField("retry_priority")  # the scale strategy's failover to other pods
+        assert retry == expected_retry
+        assert vhost.HasField("retry_policy") == grpc.HasField("retry_policy")
+    service = _cluster(subset[CLUSTER][SERVICE])
+    for name in (SERVICE, _pod("7dd689-k2x9p")):
+        cluster = _cluster(by_scale[CLUSTER][name])
+        assert cluster.outlier_detection == service.outlier_detection
+        assert cluster.common_lb_config.healthy_panic_threshold == (
+            service.common_lb_config.healthy_panic_threshold
+        )
