@@ -27,6 +27,7 @@ API_VERSIONS = ("serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1")
 # What the API server takes as an object's name (RFC 1123 subdomain). The name is the
 # vmodel's etcd key: a "/" in it would put the record where no watcher reads it.
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InferenceServiceError(ValueError):
@@ -123,6 +124,19 @@ def _isvc(doc: dict[str, Any], where: str) -> InferenceService:
         raise InferenceServiceError(
             f"{where} ({name}): spec.predictor.model.storage needs key and path (strings)"
         )
+    # YAML escapes can write half of a surrogate pair ("\ud800"), which the record's
+    # UTF-8 JSON cannot carry: ModelMesh and the watcher would not read it back
+    for path, text in (
+        ("metadata.namespace", namespace),
+        ("spec.predictor.model.modelFormat.name", model_format),
+        ("spec.predictor.model.storage.key", storage["key"]),
+        ("spec.predictor.model.storage.path", storage["path"]),
+    ):
+        if _SURROGATE.search(text):
+            raise InferenceServiceError(
+                f"{where} ({name}): {path} {text[:100]!r} is not valid Unicode "
+                "(a lone \\u surrogate escape)"
+            )
     try:
         spec = json.dumps(predictor, sort_keys=True)
     except (TypeError, ValueError, RecursionError) as e:

@@ -10,6 +10,7 @@ the DestinationRule says when none does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -50,6 +51,10 @@ from modelxds.xds.cache import encode_field
 from modelxds.xds.ir import Destination, Options, destinations
 from modelxds.xds.memo import Memo
 from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+
+# A subset key Envoy's format strings can name as it is (DestinationRule keys are
+# usually label-like: modelmesh.asm.alibabacloud.com, example.com/model)
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9._/-]+")
 
 # Set by the routes while a destination has no live pod at all.
 NO_PODS_HEADER = "x-modelxds-no-pods"
@@ -191,10 +196,14 @@ def no_holder_reply(d: Destination) -> hcm_pb2.LocalReplyConfig:
             string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
         ),
     )
-    message = (
-        f"no pod holds model '%DYNAMIC_METADATA({LB_NAMESPACE}:{d.model_key})%' "
-        "and the DestinationRule's fallbackPolicy is NO_FALLBACK"
+    # Envoy's format strings have no quoting: a key with ':' reads a nested value, and
+    # one with a line break or ')%' breaks the command, refusing the listener
+    model = (
+        f"model '%DYNAMIC_METADATA({LB_NAMESPACE}:{d.model_key})%'"
+        if _PLAIN_KEY.fullmatch(d.model_key)
+        else "the requested model"
     )
+    message = f"no pod holds {model} and the DestinationRule's fallbackPolicy is NO_FALLBACK"
     pods_up = route_components_pb2.HeaderMatcher(
         name=NO_PODS_HEADER, present_match=True, invert_match=True
     )

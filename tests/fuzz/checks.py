@@ -54,6 +54,31 @@ NOW_MS = 1_715_003_600_000
 SOURCE = "fuzz.yaml"
 POD_PORT = 8033
 OPTIONS = Options(descriptor_set=b"")
+# Names that break naive handling: regex metacharacters, path and key separators,
+# percent escapes, control characters, unicode (combining, right-to-left, astral), long.
+TRICKY_NAMES = [
+    ".*",
+    "a.b*c+?",
+    "(x|y)[z]{3}\\d$^",
+    "\\1",
+    "%2F",
+    "a/b",
+    "../x",
+    "a:b|c,d",
+    "a\tb",
+    "a\nb",
+    "a\rb",
+    "a\x00b",
+    "\x7f",
+    " m ",
+    "ü\u0301",
+    "\u202eevil",
+    "😀",
+    "x" * 5000,
+    '"quoted"',
+    "${x}",
+    "'; drop",
+]
 
 # How RecordError and MeshTables word why a record was skipped: a field by its JSON
 # name, or why the value as a whole is no record
@@ -82,11 +107,14 @@ def _counter(table: str) -> float:
 # ---- etcd keys and values -------------------------------------------------------------
 
 
-def check_etcd_events(events: Sequence[tuple[bytes, bytes | None]]) -> Placement:
+def check_etcd_events(
+    events: Sequence[tuple[bytes, bytes | None]], namespace: str = NS
+) -> Placement:
     """Puts (a value) and deletes (None) as the watcher applies them from a watch: each
     record is read, or skipped with a reason naming its field and counted once; the
-    placement built after them routes only to registered pod IPs."""
-    watcher = PlacementWatcher("http://127.0.0.1:1", [(NS, LAYOUT)])
+    placement built after them (of the mesh ``namespace``) routes only to registered pod
+    IPs."""
+    watcher = PlacementWatcher("http://127.0.0.1:1", [(namespace, LAYOUT)])
     (tables,) = watcher.tables
     for key, value in events:
         text: str | None
@@ -120,7 +148,7 @@ def check_etcd_events(events: Sequence[tuple[bytes, bytes | None]]) -> Placement
             assert len(why) < 1000, "a reason must stay a log line, whatever the value"
             assert _counter(counted) == before + (why != old_why), (why, old_why)
     placement = watcher.snapshot(NOW_MS)
-    mesh = placement.meshes[NS]
+    mesh = placement.meshes[namespace]
     registered = {r.hostname for r in tables.litelinks.values()}
     for iid, instance in mesh.instances.items():
         assert iid in tables.instances, iid  # only a pod holding its lease is live
