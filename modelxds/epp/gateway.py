@@ -11,8 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, extension_pb2, grpc_service_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    extension_pb2,
+    grpc_service_pb2,
+    health_check_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -41,6 +47,8 @@ from modelxds.xds.builders import (
 
 EPP_CLUSTER = "modelxds-epp"
 POOL_CLUSTER = "inference-pool"
+# the picker's gRPC health service that says it has read the placement (modelxds epp)
+EPP_HEALTH_SERVICE = "readiness"
 Mode = processing_mode_pb2.ProcessingMode
 
 
@@ -182,6 +190,7 @@ def _listener(listen: tuple[str, int], failure_mode_allow: bool) -> listener_pb2
 def _epp_cluster(epp: tuple[str, int], tls: bool) -> cluster_pb2.Cluster:
     c = _cluster(EPP_CLUSTER, [epp])
     _http2(c)
+    _known_down_when_down(c)
     if tls:
         # the GIE chart's picker has a self-signed certificate, which Istio does not
         # verify (DestinationRule tls SIMPLE, insecureSkipVerify)
@@ -194,6 +203,48 @@ def _epp_cluster(epp: tuple[str, int], tls: bool) -> cluster_pb2.Cluster:
             )
         )
     return c
+
+
+def _known_down_when_down(c: cluster_pb2.Cluster) -> None:
+    """Let the gateway know the picker is down before it opens a stream to it.
+
+    ext_proc fails open (FailOpen) in FULL_DUPLEX_STREAMED only until the first body
+    chunk has gone to the picker; a stream to a dead picker fails when its connection
+    is refused, after the request's first chunk went out, so the request fails closed.
+    A stream to a cluster with no healthy host fails as it opens, before any chunk, and
+    fails open. So the first refused connection ejects the picker (outlier detection on
+    local-origin errors), gRPC health checks keep it out while it is down and bring it
+    back once it answers ready, and the panic threshold 0 keeps Envoy from sending to an
+    unhealthy picker anyway when it is the only one.
+    """
+    c.health_checks.append(
+        health_check_pb2.HealthCheck(
+            timeout=ms(1000),
+            interval=ms(1000),
+            no_traffic_interval=ms(1000),
+            unhealthy_threshold=wrappers_pb2.UInt32Value(value=2),
+            healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+            grpc_health_check=health_check_pb2.HealthCheck.GrpcHealthCheck(
+                service_name=EPP_HEALTH_SERVICE
+            ),
+        )
+    )
+    c.outlier_detection.CopyFrom(
+        outlier_detection_pb2.OutlierDetection(
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=1),
+            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+            # the picker's answers are not the pool's: only connection failures eject it
+            enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=0),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=0),
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+            base_ejection_time=ms(1000),
+        )
+    )
+    panic = c.common_lb_config.healthy_panic_threshold
+    panic.SetInParent()  # 0 must be sent: absent is Envoy's 50 %
+    panic.value = 0
 
 
 def _pool_cluster(pool: Sequence[tuple[str, int]], http2: bool) -> cluster_pb2.Cluster:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from modelxds.localmesh import isvc
+from modelxds.localmesh import isvc, processes
 from modelxds.localmesh.client import grpc_seed, rest_seed, triton_grpc
 from modelxds.localmesh.stack import EppGateway, Stack, seed_policy, wait_until
 from modelxds.modelmesh import ModelRecord
@@ -21,6 +22,7 @@ from tests.e2e.gwclient import http_json
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 ROOT = Path(__file__).resolve().parents[2]
+FORWARDED = "modelmesh_forwarded_requests_total"  # a pod's requests sent on to another
 MODELS = ROOT / ".run" / "models"
 SEED_ISVC = "example-mnist-isvc"
 SEED_ISVC_YAML = f"""
@@ -94,7 +96,7 @@ async def test_grpc_by_header_and_by_body_and_rest_by_path_reach_the_holder_and_
     mesh: Stack, rest_gateway: EppGateway
 ) -> None:
     holder = await _holder(mesh)
-    forwarded = _counters(mesh, "modelmesh_forwarded_requests_total")
+    forwarded = _counters(mesh, FORWARDED)
     local = _counters(mesh, "modelmesh_local_requests_total")[holder]
 
     for _ in range(3):
@@ -104,7 +106,7 @@ async def test_grpc_by_header_and_by_body_and_rest_by_path_reach_the_holder_and_
         assert await triton_grpc(mesh.gateway, SEED_ISVC) == [[8]]
         assert await rest_seed(rest_gateway.gateway, SEED_ISVC) == 8  # the REST path
 
-    assert _counters(mesh, "modelmesh_forwarded_requests_total") == forwarded  # zero hops
+    assert _counters(mesh, FORWARDED) == forwarded  # zero hops
     assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local + 9
     # every pick found the copy (still counted loading in its first 3 s), none fell back
     for metrics in (mesh.metrics(), rest_gateway.metrics()):
@@ -186,15 +188,45 @@ async def test_with_the_picker_down_fail_open_keeps_headers_only_requests_flowin
         assert await metadata_ok()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Envoy 1.40 fails open in FULL_DUPLEX_STREAMED only until a body chunk has gone "
-    "to the picker; a dead picker's connect error arrives after that, so the request fails",
-)
-async def test_with_the_picker_down_fail_open_keeps_serving(mesh: Stack) -> None:
-    gw = await _gateway_without_its_picker(mesh, "FailOpen")
-    for _ in range(6):  # the pool's round robin picks; a pod without the model forwards
-        assert await _infer(gw.gateway, SEED_ISVC) == [8]
+async def test_with_the_picker_down_fail_open_keeps_serving_and_picks_again_once_it_is_back(
+    mesh: Stack,
+) -> None:
+    """FailOpen with the picker killed: at most the one request that finds it dead fails.
+
+    Envoy fails open in FULL_DUPLEX_STREAMED only until a body chunk has gone to the
+    picker, and a connection refused by a dead picker comes after the first chunk. The
+    gateway's first refused connection ejects the picker and its health checks keep it
+    out, so later requests open no stream and go on by the pool's round robin (a pod
+    without the model forwards inside the mesh). Started again, the picker passes its
+    health check and picks again: requests land on the holder, no pod forwards.
+    """
+    gw = await mesh.add_epp_gateway(mesh.pod_port, failure_mode="FailOpen")
+    await wait_until(lambda: _answers_8(gw.gateway), 20, "the picker's gateway to answer")
+    assert gw.epp is not None
+    command = [str(a) for a in gw.epp.popen.args]  # type: ignore[union-attr]
+    forwarded = sum(_counters(mesh, FORWARDED).values())
+    gw.epp.kill()
+    answers: list[str] = []
+    for _ in range(30):
+        try:
+            answers.append("8" if await _answers_8(gw.gateway) else "wrong")
+        except grpc.aio.AioRpcError as e:
+            answers.append(e.code().name)
+    assert answers.count("8") >= len(answers) - 1 and answers[-25:] == ["8"] * 25, answers
+    # round robin reached pods without the model, which forwarded inside the mesh
+    assert sum(_counters(mesh, FORWARDED).values()) > forwarded
+
+    mesh.processes.remove(gw.epp)
+    gw.epp = processes.spawn(gw.epp.name, command, mesh.workdir)
+    mesh.processes.append(gw.epp)
+    await asyncio.to_thread(processes.wait_for_port, gw.epp, "127.0.0.1", gw.epp_port)
+
+    async def picking_again() -> bool:
+        before = _counters(mesh, FORWARDED)
+        answered = [await _answers_8(gw.gateway) for _ in range(5)]
+        return all(answered) and _counters(mesh, FORWARDED) == before
+
+    await wait_until(picking_again, 20, "the gateway to ask the picker again", interval=0.5)
 
 
 async def _answers_8(address: str) -> bool:
