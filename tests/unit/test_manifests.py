@@ -22,6 +22,7 @@ import yaml
 from modelxds.cli import build_parser
 from modelxds.localmesh import isvc, processes
 from modelxds.policy.seed import SEED_POLICY_YAML
+from tests.certs import make_certs
 from tests.unit.test_crds import KUBERNETES_VERSION, CrdSchema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -280,6 +281,83 @@ def test_the_labeler_knows_its_pod_for_leader_election(installed: list[Doc]) -> 
     assert "--leader-elect" in labeler["args"]
 
 
+def arg(c: Doc, flag: str) -> str:
+    args: list[str] = c["args"]
+    return args[args.index(flag) + 1]
+
+
+def secret_mount(deployment: Doc, container: Doc, path: str) -> Doc:
+    """The Secret volume mounted where ``path`` lies; the mount read-only, the key
+    readable by the pod's group only (the container's user is in fsGroup)."""
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True, path
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "items" not in volume["secret"]  # every key, as cert-manager writes them
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    secret: Doc = volume["secret"]
+    return secret
+
+
+def test_the_xds_server_serves_mutual_tls_from_its_secret(installed: list[Doc]) -> None:
+    xds = only(installed, "Deployment", "modelxds-xds")
+    (c,) = containers(xds)
+    files = {flag: arg(c, flag) for flag in ("--xds-tls-cert", "--xds-tls-key", "--xds-client-ca")}
+    # the keys of a cert-manager Certificate's Secret (kubernetes.io/tls plus ca.crt)
+    assert [Path(f).name for f in files.values()] == ["tls.crt", "tls.key", "ca.crt"]
+    for path in files.values():
+        assert secret_mount(xds, c, path)["secretName"] == "modelxds-xds-tls"
+
+
+def test_the_gateway_presents_its_secrets_certificate_under_the_name_it_carries(
+    installed: list[Doc],
+) -> None:
+    gateway = only(installed, "Deployment", "modelxds-gateway")
+    (envoy,) = containers(gateway)
+    bootstrap = yaml.safe_load(bootstrap_config_map(installed)["data"]["envoy.yaml"])
+    (xds,) = bootstrap["static_resources"]["clusters"]
+    tls = xds["transport_socket"]["typed_config"]
+    common = tls["common_tls_context"]
+    (pair,) = common["tls_certificates"]
+    files = [
+        common["validation_context"]["trusted_ca"]["filename"],
+        pair["certificate_chain"]["filename"],
+        pair["private_key"]["filename"],
+    ]
+    for path in files:
+        assert secret_mount(gateway, envoy, path)["secretName"] == "modelxds-gateway-tls"
+    # the server's certificate is checked for the Service's name
+    server = xds_address(installed).rpartition(":")[0]
+    (san,) = common["validation_context"]["match_typed_subject_alt_names"]
+    assert (san["matcher"]["exact"], tls["sni"]) == (server, server)
+    # The node id the server checks against the certificate is the bootstrap's, not
+    # overridden per pod, and is the service account's name: a certificate whose DNS
+    # name or SPIFFE ID (.../sa/modelxds-gateway) names it is accepted.
+    assert "--service-node" not in envoy["args"]
+    assert (
+        bootstrap["node"]["id"]
+        == NODE_ID
+        == gateway["spec"]["template"]["spec"]["serviceAccountName"]
+    )
+
+
+def test_probes_and_prometheus_reach_the_metrics_port_from_outside_the_pod(
+    installed: list[Doc],
+) -> None:
+    """`--metrics-address` is loopback unless given: every Deployment gives all interfaces,
+    on the port its probes and the Service name."""
+    found = 0
+    for name, c in modelxds_containers(installed + render(MANIFESTS / "gie")):
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert arg(c, "--metrics-address") == f"0.0.0.0:{ports['http-metrics']}", name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "httpGet" in c.get(probe, {}):
+                assert c[probe]["httpGet"]["port"] == "http-metrics", (name, probe)
+        found += 1
+    assert found == 4  # xds, labeler and the two pickers
+
+
 # --- network policies
 
 
@@ -353,6 +431,7 @@ def test_metrics_are_open_to_the_namespace_and_monitoring(
 
 NODE_ID = "modelxds-gateway"
 ADMIN = "127.0.0.1:15000"
+GATEWAY_TLS = "/etc/xds-tls"  # where the gateway mounts its Secret modelxds-gateway-tls
 
 
 def xds_address(installed: list[Doc]) -> str:
@@ -373,6 +452,9 @@ def bootstrap_config_map(docs: list[Doc]) -> Doc:
 def test_the_gateway_bootstrap_is_what_modelxds_bootstrap_prints(installed: list[Doc]) -> None:
     args = ["bootstrap", "--xds", xds_address(installed), "--node-id", NODE_ID]
     args += ["--admin-address", ADMIN]
+    args += ["--tls-ca", f"{GATEWAY_TLS}/ca.crt", "--tls-cert", f"{GATEWAY_TLS}/tls.crt"]
+    args += ["--tls-key", f"{GATEWAY_TLS}/tls.key"]
+    args += ["--tls-server-name", xds_address(installed).rpartition(":")[0]]
     out = subprocess.run(
         [sys.executable, "-m", "modelxds.cli", *args], capture_output=True, text=True, timeout=60
     )
@@ -384,15 +466,22 @@ def test_the_gateway_bootstrap_is_what_modelxds_bootstrap_prints(installed: list
 
 
 def test_envoy_starts_from_the_gateways_command_line(installed: list[Doc], tmp_path: Path) -> None:
-    """The Deployment's command line and bootstrap, checked by the Envoy the tests run."""
+    """The Deployment's command line and bootstrap, with its volumes (the Secret's files
+    made here), checked by the Envoy the tests run."""
     gateway = only(installed, "Deployment", "modelxds-gateway")
     (envoy,) = containers(gateway)
-    (mount,) = envoy["volumeMounts"]
-    (tmp_path / "envoy.yaml").write_text(bootstrap_config_map(installed)["data"]["envoy.yaml"])
-    args = [
-        a.replace("$(POD_NAME)", "modelxds-gateway-0").replace(mount["mountPath"], str(tmp_path))
-        for a in envoy["args"]
-    ]
+    mounts = {m["name"]: m["mountPath"] for m in envoy["volumeMounts"]}
+    assert set(mounts) == {"bootstrap", "xds-tls"}
+    certs = make_certs(tmp_path / "xds-tls")
+    for name, made in (("ca.crt", certs.ca), ("tls.crt", certs.client_cert)):
+        (tmp_path / "xds-tls" / name).write_bytes(made.read_bytes())
+    (tmp_path / "xds-tls" / "tls.key").write_bytes(certs.client_key.read_bytes())
+    bootstrap = bootstrap_config_map(installed)["data"]["envoy.yaml"]
+    (tmp_path / "bootstrap").mkdir()
+    (tmp_path / "bootstrap" / "envoy.yaml").write_text(
+        bootstrap.replace(mounts["xds-tls"], str(tmp_path / "xds-tls"))
+    )
+    args = [a.replace(mounts["bootstrap"], str(tmp_path / "bootstrap")) for a in envoy["args"]]
     check = subprocess.run(
         [processes.binary("envoy"), *args, "--mode", "validate"],
         capture_output=True,

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -257,7 +258,16 @@ def serve(*args: str) -> int:
 
 @pytest.fixture
 def files(certs: Certs, tmp_path: Path) -> dict[str, str]:
+    key = serialization.load_pem_private_key(certs.server_key.read_bytes(), password=None)
+    (tmp_path / "encrypted.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"a passphrase"),
+        )
+    )
     return {
+        "encrypted_key": str(tmp_path / "encrypted.key"),
         "cert": str(certs.server_cert),
         "key": str(certs.server_key),
         "ca": str(certs.ca),
@@ -284,6 +294,10 @@ SERVE_TLS_ERRORS = {
     "key-is-a-cert": (
         "--xds-tls-cert {cert} --xds-tls-key {cert}",
         "--xds-tls-key {cert}: no PEM private key in it",
+    ),
+    "encrypted-key": (
+        "--xds-tls-cert {cert} --xds-tls-key {encrypted_key}",
+        "--xds-tls-key {encrypted_key}: the key is encrypted; give it unencrypted",
     ),
     "mismatched": (
         "--xds-tls-cert {cert} --xds-tls-key {other_key}",
