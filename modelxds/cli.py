@@ -755,7 +755,13 @@ def _status(args: argparse.Namespace) -> int:
                 csds_pb2.ClientStatusRequest(), timeout=10
             )
         except grpc.RpcError as e:
-            print(f"error: cannot reach modelxds at {args.xds}: {e.details()}", file=sys.stderr)
+            # a TLS server closes a plaintext connection without a word gRPC could show
+            hint = (
+                "" if args.tls_ca else " (if it serves TLS, give --tls-ca, --tls-cert, --tls-key)"
+            )
+            print(
+                f"error: cannot reach modelxds at {args.xds}: {e.details()}{hint}", file=sys.stderr
+            )
             return 1
     rows = status_rows(resp)
     if args.json:

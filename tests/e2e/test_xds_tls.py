@@ -199,6 +199,8 @@ async def test_a_gateway_posing_as_another_gets_no_config_while_the_real_one_is_
     plaintext = modelxds("status", "--xds", secure.xds)
     assert plaintext.returncode == 1
     assert f"cannot reach modelxds at {secure.xds}" in plaintext.stderr
+    assert "give --tls-ca" in plaintext.stderr
+    assert "PRIVATE KEY" not in secure.log  # files are named, never shown
 
 
 async def test_clients_without_a_certificate_of_the_ca_are_refused(secure: SecureServe) -> None:
