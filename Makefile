@@ -8,7 +8,7 @@ MLVENV := .venv-mlserver
 MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
-.PHONY: setup setup-mlserver models run demo test unit e2e lint proto bench-convergence \
+.PHONY: setup setup-mlserver models run demo test unit e2e fuzz lint proto bench-convergence \
 	bench-build bench-stall reliability bench-scale-large bench-first-config bench-epp compare clean
 
 setup: $(STAMP) $(MLSTAMP)
@@ -48,6 +48,10 @@ unit: setup
 
 e2e: setup models
 	$(PY) -m pytest -q tests/e2e
+
+# hostile input: hypothesis properties, the atheris harnesses (bounded), Envoy's verdict
+fuzz: setup
+	$(PY) -m pytest -q tests/unit/test_fuzz_inputs.py tests/fuzz
 
 # the fault-injection suite, recording docs/reliability.md from this run
 reliability: setup models

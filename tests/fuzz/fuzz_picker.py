@@ -22,7 +22,8 @@ with atheris.instrument_imports(include=["modelxds"]):
 DESTINATION = picker_destination({"m": "pod-1", "a.b*c+?(x|y)": "pod-2", "ü\x00\n": "pod-0"})
 
 
-def one_input(data: bytes) -> None:
+def request(data: bytes) -> tuple[list[tuple[str, bytes]], list[bytes], list[str]]:
+    """An input's headers, body chunks and subset hint."""
     head, _, body = data.partition(b"\n\n")
     headers: list[tuple[str, bytes]] = []
     hint: list[str] = []
@@ -35,7 +36,11 @@ def one_input(data: bytes) -> None:
         elif key:
             headers.append((key, value))
     chunks = body.split(b"\x1f") if body else []
-    check_exchange(headers, chunks, hint, DESTINATION)
+    return headers, chunks, hint
+
+
+def one_input(data: bytes) -> None:
+    check_exchange(*request(data), DESTINATION)
 
 
 def main() -> None:
