@@ -923,3 +923,21 @@ def test_retries_as_istio_reads_them() -> None:
         retry_on=("retriable-status-codes", "unavailable", "cancelled"),
         retriable_status_codes=(429,),
     )
+
+
+def test_the_example_in_the_docs_reads_as_it_says() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "resilience.md").read_text()
+    policy = parse_policy(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert policy.destination_rules[0].outlier_detection == OutlierDetection(
+        consecutive_5xx_errors=3,
+        interval_ms=10_000,
+        base_ejection_time_ms=30_000,
+        max_ejection_percent=50,
+    )
+    route = policy.virtual_services[0].routes[0]
+    assert route.timeout_ms == 300_000
+    assert route.retries == HttpRetry(
+        attempts=3,
+        per_try_timeout_ms=120_000,
+        retry_on=("connect-failure", "refused-stream", "reset", "unavailable"),
+    )

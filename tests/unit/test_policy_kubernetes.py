@@ -20,7 +20,7 @@ from kubernetes import client
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.placement.model import Placement
-from modelxds.policy import Policy, load_policy, read_objects
+from modelxds.policy import Policy, load_policy, parse_policy, read_objects
 from modelxds.policy.kubernetes import (
     API_VERSION,
     GROUP,
@@ -30,6 +30,7 @@ from modelxds.policy.kubernetes import (
     PolicyWatcher,
     desired_status,
 )
+from modelxds.policy.model import HttpRetry, OutlierDetection
 from modelxds.xds.cache import SnapshotCache
 from modelxds.xds.controller import Controller
 from modelxds.xds.ir import Options
@@ -113,6 +114,48 @@ def test_a_virtual_service_whose_rule_is_invalid_is_left_out_too() -> None:
     assert policy == Policy((), ())
     assert "spec.host: required" in problems[key_of(dr)][0]
     assert "no DestinationRule for 'modelmesh-serving'" in problems[key_of(vs)][0]
+
+
+def test_outlier_detection_timeout_and_retries_are_read_from_the_objects() -> None:
+    dr, vs = seed_objects()
+    dr["spec"]["trafficPolicy"]["outlierDetection"] = {
+        "consecutive5xxErrors": 3,
+        "consecutiveGatewayErrors": 0,
+        "interval": "1m30s",
+        "baseEjectionTime": "1.5s",
+        "maxEjectionPercent": 50,
+        "minHealthPercent": 20,
+    }
+    http = vs["spec"]["http"][0]
+    http["timeout"] = "500ms"
+    http["retries"] = {"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx,reset,503"}
+    for obj in (dr, vs):
+        check_custom_object(obj)  # the API server takes them
+    policy, problems = read_objects([dr, vs])
+    assert problems == {key_of(dr): [], key_of(vs): []}
+    assert policy.destination_rules[0].outlier_detection == OutlierDetection(
+        3, 0, 90_000, 1500, 50, 20
+    )
+    route = policy.virtual_services[0].routes[0]
+    assert route.timeout_ms == 500
+    assert route.retries == HttpRetry(3, 2000, ("5xx", "reset", "retriable-status-codes"), (503,))
+    # as the same documents read from a policy file
+    from_file = parse_policy(yaml.safe_dump_all([dr, vs]))
+    assert from_file.destination_rules[0].outlier_detection == (
+        policy.destination_rules[0].outlier_detection
+    )
+    assert from_file.virtual_services[0].routes[0] == route
+
+
+def test_a_retries_error_names_the_object_and_the_field() -> None:
+    dr, vs = seed_objects()
+    vs["spec"]["http"][0]["retries"] = {"perTryTimeout": "2s"}
+    _, problems = read_objects([dr, vs])
+    assert problems[key_of(vs)] == [
+        f"kubernetes (VirtualService {NS}/vs-modelmesh-serving-service): "
+        "spec.http[0].retries.attempts: 0 (or absent) turns retries off; perTryTimeout and "
+        "retryOn need attempts of 1 or more"
+    ]
 
 
 def _collision() -> tuple[list[Doc], Doc, Doc]:

@@ -386,12 +386,17 @@ def test_an_empty_outlier_detection_keeps_envoys_defaults_and_turns_panic_off() 
     assert cluster.common_lb_config.healthy_panic_threshold.value == 0
 
 
-def test_without_outlier_detection_a_cluster_has_none_and_envoys_panic_threshold() -> None:
-    for cluster in map(
-        _cluster, translate_subset(_placement(), default_policy(), OPTIONS)[CLUSTER].values()
-    ):
-        assert not cluster.HasField("outlier_detection")
-        assert not cluster.common_lb_config.HasField("healthy_panic_threshold")
+def test_without_outlier_detection_no_answer_ejects_a_pod() -> None:
+    cds = translate_subset(_placement(), default_policy(), OPTIONS)[CLUSTER]
+    for cluster in map(_cluster, cds.values()):
+        if cluster.HasField("outlier_detection"):  # else Envoy runs no outlier detection
+            od = cluster.outlier_detection
+            # Envoy enforces consecutive 5xx and success rate at 100 % unless sent 0
+            assert (
+                od.HasField("enforcing_consecutive_5xx") and not od.enforcing_consecutive_5xx.value
+            )
+            assert not od.enforcing_consecutive_gateway_failure.value  # Envoy's default 0
+            assert od.HasField("enforcing_success_rate") and not od.enforcing_success_rate.value
 
 
 def test_timeout_and_retries_reach_the_grpc_and_the_rest_route() -> None:

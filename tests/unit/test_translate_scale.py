@@ -665,6 +665,8 @@ def test_both_strategies_time_out_retry_and_eject_alike(text: str) -> None:
         retry.ClearField("retry_priority")  # the scale strategy's failover to other pods
         assert retry == expected_retry
         assert vhost.HasField("retry_policy") == grpc.HasField("retry_policy")
+    if policy.destination_rules[0].outlier_detection is None:
+        return
     service = _cluster(subset[CLUSTER][SERVICE])
     for name in (SERVICE, _pod("7dd689-k2x9p")):
         cluster = _cluster(by_scale[CLUSTER][name])
