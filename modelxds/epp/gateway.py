@@ -12,6 +12,7 @@ from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -23,6 +24,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -116,6 +118,16 @@ def ext_proc_filter(failure_mode_allow: bool) -> ext_proc_pb2.ExternalProcessor:
     )
 
 
+def drop_client_pick() -> header_mutation_pb2.HeaderMutation:
+    """Removes a ``x-gateway-destination-endpoint`` the client sent, before the picker is
+    asked: override_host reads that header first, so with the picker down and FailOpen
+    the client would choose the pod itself (the picker's answer replaces it otherwise)."""
+    remove = mutation_rules_pb2.HeaderMutation(remove=DESTINATION_HEADER)
+    return header_mutation_pb2.HeaderMutation(
+        mutations=header_mutation_pb2.Mutations(request_mutations=[remove])
+    )
+
+
 def override_host_policy() -> cluster_pb2.LoadBalancingPolicy:
     """The picked ``ip:port`` list from the header, else from ``envoy.lb`` metadata;
     round robin when neither is there (the picker is down and fails open)."""
@@ -167,6 +179,7 @@ def _listener(listen: tuple[str, int], failure_mode_allow: bool) -> listener_pb2
             ],
         ),
         http_filters=[
+            http_filter("envoy.filters.http.header_mutation", drop_client_pick()),
             http_filter("envoy.filters.http.ext_proc", ext_proc_filter(failure_mode_allow)),
             http_filter("envoy.filters.http.router", router_pb2.Router()),
         ],

@@ -12,9 +12,12 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from modelxds.kserve import grpc_predict_v2_pb2 as pb
+from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.localmesh import isvc, processes
 from modelxds.localmesh.client import grpc_seed, rest_seed, triton_grpc
 from modelxds.localmesh.stack import EppGateway, Stack, seed_policy, wait_until
+from modelxds.localmesh.train import SEED_INPUT
 from modelxds.modelmesh import ModelRecord
 from modelxds.modelmesh.registrar import update_model
 from tests.e2e.gwclient import http_json
@@ -116,6 +119,30 @@ async def test_grpc_by_header_and_by_body_and_rest_by_path_reach_the_holder_and_
         assert picks and all('"holder"' in p or '"loading"' in p for p in picks), picks
     metrics = mesh.metrics()
     assert 'modelxds_epp_body_parses_total{result="found"}' in metrics
+
+
+async def test_a_clients_own_pick_and_mm_balanced_give_way_to_the_pickers(mesh: Stack) -> None:
+    """A client naming another pod in the picker's header (twice) and sending
+    mm-balanced: false still reaches the holder, which serves it itself."""
+    holder = await _holder(mesh)
+    elsewhere = next(a for iid, a in mesh.pod_addresses().items() if iid != holder)
+    forwarded = _counters(mesh, FORWARDED)
+    local = _counters(mesh, "modelmesh_local_requests_total")[holder]
+    forged = [
+        ("x-gateway-destination-endpoint", elsewhere),
+        ("x-gateway-destination-endpoint", elsewhere),
+        ("mm-balanced", "false"),
+    ]
+    request = pb.ModelInferRequest(model_name=SEED_ISVC)
+    request.inputs.add(name="predict", datatype="FP32", shape=[1, 64])
+    request.inputs[0].contents.fp32_contents.extend(SEED_INPUT)
+    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            response = await stub.ModelInfer(request, metadata=forged, timeout=60)
+            assert list(response.outputs[0].contents.int64_contents) == [8]
+    assert _counters(mesh, FORWARDED) == forwarded  # zero hops
+    assert _counters(mesh, "modelmesh_local_requests_total")[holder] == local + 3
 
 
 async def test_an_unknown_model_falls_back_and_loads_once(mesh: Stack) -> None:

@@ -17,6 +17,8 @@ from modelxds.modelmesh import Table
 from modelxds.modelmesh.records import VModelRecord
 from modelxds.modelmesh.registrar import PodRegistration, put_vmodel
 from modelxds.xds.bootstrap import bootstrap
+from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER
+from modelxds.xds.subset import NO_PODS_HEADER
 from tests.e2e.gwclient import Client, answers, gateway_status
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +44,30 @@ async def _until_routed(client: Client, model: str, holders: set[str], how: str 
         return set(await _route_count(client, model, n=6, how=how)) <= holders
 
     await wait_until(only_holders, 10, f"{model} routed only to {sorted(holders)}")
+
+
+async def test_headers_a_client_forges_neither_move_its_request_nor_reach_the_pod(
+    stack: Stack, client: Client
+) -> None:
+    """The gateway's own headers, sent by a client (twice): mm-balanced: false, the scale
+    strategy's model and shard, the subset strategy's no-pods flag. The request still
+    goes to the holder, and mm-balanced reads true there (the last value, as grpc-java's
+    Metadata.get reads it in ModelMesh)."""
+    holder = pod_instance_id(1)
+    _, reg = stack.pod(holder)
+    await reg.add_copy("forged-m", started_ms=LOADED_LONG_AGO)
+    await _until_routed(client, "forged-m", {holder})
+    forged = [
+        ("mm-balanced", "false"),
+        (MODEL_HEADER, "other-model"),
+        (SHARD_HEADER, f"{stack.gateway_port}/none"),
+        (NO_PODS_HEADER, "true"),
+    ]
+    headers = [("model", "forged-m"), *forged, *forged]
+    seen = Counter([await client.grpc("ignored-by-gateway", headers) for _ in range(N)])
+    assert seen == {holder: N}
+    backend, _ = stack.pod(holder)
+    assert backend.last_metadata == {"mm-balanced": "true"}
 
 
 async def test_loaded_model_reaches_its_holder_by_header_vmodel_and_rest_path(

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 
 from modelxds.kserve import descriptor_set_bytes
 from modelxds.modelmesh import (
@@ -34,7 +36,7 @@ from modelxds.placement.model import Placement
 from modelxds.policy import Policy, PolicyError, parse_policy
 from modelxds.policy.model import REST_PORT_ANNOTATION, resolve_host
 from modelxds.xds.ir import Options, RestMode
-from modelxds.xds.resources import Resources
+from modelxds.xds.resources import ENDPOINT, ROUTE, Resources
 from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy
 from modelxds.xds.subset import NO_PODS_HEADER, SubsetStrategy
 from tests.fuzz import checks
@@ -260,3 +262,25 @@ def test_envoy_takes_every_config_made_from_hostile_names_the_loader_accepts(
         if (why := envoy_refusal(static_bootstrap(resources), tmp_path)) is not None
     ]
     raise AssertionError("\n\n".join(culprits) or f"only the batch is refused: {refusal}")
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_the_envoy_check_sees_every_route_table_and_endpoint(
+    cases: list[tuple[Case, Policy, Placement]], strategy: str, tmp_path: Path
+) -> None:
+    """What validate mode would never fetch is inline, so Envoy judges it: a route table
+    (RDS, or SRDS and RDS) naming a domain twice, an endpoint (EDS) by host name."""
+    _, policy, placement = cases[0]
+    resources = STRATEGIES[strategy]()(placement, policy, OPTIONS)
+    for table in resources[ROUTE].values():
+        assert isinstance(table, route_pb2.RouteConfiguration)
+        table.virtual_hosts[0].domains.extend(["twice.example", "twice.example"])
+    refusal = envoy_refusal(static_bootstrap(resources), tmp_path)
+    assert refusal is not None and "twice.example" in refusal, refusal
+
+    resources = STRATEGIES[strategy]()(placement, policy, OPTIONS)
+    for cla in resources[ENDPOINT].values():
+        assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+        cla.endpoints.add().lb_endpoints.add().endpoint.address.socket_address.address = "pod.local"
+    refusal = envoy_refusal(static_bootstrap(resources), tmp_path)
+    assert refusal is not None and "pod.local" in refusal, refusal
