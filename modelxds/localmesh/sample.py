@@ -6,6 +6,10 @@ gateway routed a request to, and the pod remembers the ModelMesh routing headers
 it last received so tests can check what the gateway sent. With a REST port it runs
 the same REST proxy in front of its gRPC port as a local mesh pod does.
 
+Run on its own with ``--etcd``, it registers in etcd as a ModelMesh pod does (litelinks
+and instance records under a lease it renews): a pod of its own process, which a test
+can SIGKILL (its lease then runs out) or SIGSTOP (up, but not answering).
+
     python -m modelxds.localmesh.sample --host 127.0.0.11 --port 8033 --instance-id 7dd689-4zwqs
 """
 
@@ -25,6 +29,8 @@ from modelxds.kserve import grpc_predict_v2_pb2 as pb
 from modelxds.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from modelxds.kserve.health import AlwaysServing
 from modelxds.localmesh.restproxy import RestProxy
+from modelxds.modelmesh import Layout
+from modelxds.modelmesh.registrar import PodRegistration, etcd_client
 from modelxds.xds.bootstrap import join_address
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,9 @@ log = logging.getLogger(__name__)
 # Request metadata that ModelMesh uses for routing; the gateway is expected to
 # set these, so they are what tests want to observe on the pod side.
 ROUTING_METADATA_KEYS = ("mm-balanced", "mm-vmodel-id", "mm-model-id")
+# A request carrying this is answered that many milliseconds late: a test can have a
+# request in flight at a pod when it breaks the pod
+DELAY_HEADER = "x-sample-delay-ms"
 
 
 class SampleBackend:
@@ -115,10 +124,14 @@ class _Servicer(AlwaysServing):
     ) -> pb.ModelInferResponse:
         backend = self._backend
         model_name = request.model_name
+        metadata = dict(context.invocation_metadata() or ())
+        delay_ms = metadata.get(DELAY_HEADER)
+        if isinstance(delay_ms, str) and delay_ms.isdigit():
+            await asyncio.sleep(int(delay_ms) / 1000)
         backend.served[model_name] += 1
         backend.last_metadata = {
             key: value
-            for key, value in context.invocation_metadata() or ()
+            for key, value in metadata.items()
             if key in ROUTING_METADATA_KEYS and isinstance(value, str)
         }
         return pb.ModelInferResponse(
@@ -150,6 +163,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8033)
     parser.add_argument("--rest-port", type=int, default=8008, help="REST proxy port (0: none)")
     parser.add_argument("--instance-id", required=True, help="pod name suffix, e.g. 7dd689-4zwqs")
+    parser.add_argument("--etcd", help="register in this etcd (http://host:port) as a pod")
+    parser.add_argument("--root-prefix", default="modelmesh-serving")
+    parser.add_argument("--service-name", default="modelmesh-serving")
+    parser.add_argument("--lease-ttl", type=int, default=10, help="seconds")
     return parser.parse_args(argv)
 
 
@@ -157,6 +174,15 @@ async def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     backend = SampleBackend(args.host, args.port, args.instance_id, args.rest_port)
     await backend.start()
+    registration = None
+    if args.etcd:
+        client = etcd_client(args.etcd)
+        await client.connect()
+        layout = Layout(args.root_prefix, args.service_name)
+        registration = PodRegistration(
+            client, layout, args.instance_id, args.host, ttl=args.lease_ttl
+        )
+        await registration.register()  # after start: listed only once it listens
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -165,6 +191,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
     try:
         await stopping.wait()
     finally:
+        if registration is not None:
+            await registration.stop(revoke=True)  # a clean shutdown leaves at once
+            await registration.client.close()
         await backend.stop()
     return 0
 

@@ -69,7 +69,9 @@ class Stack:
     policy_poll_ms: int = 0
     serve_args: tuple[str, ...] = ()
     # "sample": in-process stand-in pods that answer with their name (control-plane tests);
-    # "mlserver": mesh nodes, one process each, with a real MLServer runtime
+    # "sample-process": the same pods, a process each that keeps its own lease (pod faults:
+    # SIGKILL one and its lease runs out); "mlserver": mesh nodes, one process each, with
+    # a real MLServer runtime
     runtime: str = "sample"
     storage_dir: Path | None = None  # the "localMinIO" storage of the mesh nodes
     node_capacity: int = 8
@@ -129,9 +131,10 @@ class Stack:
                 self.processes.append(processes.start_etcd(self.workdir, self.etcd_port))
             self.client = etcd_client(self.etcd_url)
             await self.client.connect()
-            if self.runtime == "mlserver":
+            if self.runtime in ("mlserver", "sample-process"):
+                spawn = self.spawn_node if self.runtime == "mlserver" else self.spawn_sample
                 for i in range(self.pods):
-                    self.spawn_node(i)
+                    spawn(i)
                 for iid in list(self.nodes):
                     await self.wait_node(iid)
             else:
@@ -169,6 +172,22 @@ class Stack:
         self.backends.append(backend)
         self.registrations.append(reg)
         return reg
+
+    def spawn_sample(self, index: int) -> str:
+        """Start sample pod ``index`` as a process of its own, registered in etcd under
+        its own lease (``lease_ttl``); see wait_node."""
+        iid = pod_instance_id(index)
+        args = [
+            *(sys.executable, "-m", "modelxds.localmesh.sample", "--host", pod_host(index)),
+            *("--port", str(self.pod_port), "--rest-port", str(self.rest_port)),
+            *("--instance-id", iid, "--etcd", self.etcd_url, "--lease-ttl", str(self.lease_ttl)),
+            *("--root-prefix", self.layout.root_prefix),
+            *("--service-name", self.layout.service_name),
+        ]
+        proc = processes.spawn(iid, args, self.workdir)
+        self.nodes[iid] = proc
+        self.processes.append(proc)
+        return iid
 
     def spawn_node(self, index: int) -> str:
         """Start mesh node ``index`` (its MLServer comes up with it); see wait_node."""

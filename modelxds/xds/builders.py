@@ -7,7 +7,7 @@ import json
 import string
 from collections.abc import Sequence
 
-from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2
@@ -50,6 +50,8 @@ GRPC_NOT_FOUND = 5
 GRPC_UNAVAILABLE = 14
 # A zero timeout: model loads can take minutes, and ModelMesh holds the request meanwhile.
 NO_TIMEOUT = duration_pb2.Duration(seconds=0)
+# Istio's circuit breaker limit for retries (math.MaxUint32): no limit
+UNLIMITED = 2**32 - 1
 
 _LUA_SAFE = frozenset(string.ascii_letters + string.digits + " -_./:,;{}[]()<>=!?*#'%")
 
@@ -74,6 +76,21 @@ def eds_cluster(name: str, options: Options, *, http2: bool = True) -> cluster_p
         connect_timeout=ms(options.connect_timeout_ms),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
         typed_extension_protocol_options=http2_upstream() if http2 else {},
+        circuit_breakers=unlimited_retries(),
+    )
+
+
+def unlimited_retries() -> circuit_breaker_pb2.CircuitBreakers:
+    """No limit on retries under way, as Istio sets it. Envoy's default allows 3 at once
+    per cluster: when a pod dies, every request in flight to it and every request routed
+    to it until it leaves fails at once and wants a retry, and past the third each one
+    failed with the dead pod's error (counted as upstream_rq_retry_overflow)."""
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_retries=wrappers_pb2.UInt32Value(value=UNLIMITED)
+            )
+        ]
     )
 
 
@@ -362,6 +379,31 @@ def apply_outlier_detection(cluster: cluster_pb2.Cluster, od: OutlierDetection |
     panic = cluster.common_lb_config.healthy_panic_threshold
     panic.SetInParent()  # 0 must be sent: absent is Envoy's 50 %
     panic.value = od.min_health_percent
+
+
+def eject_refusing_pods(cluster: cluster_pb2.Cluster) -> None:
+    """Without the DestinationRule's ``outlierDetection``: a pod that refuses a connection
+    (or drops one) is taken out of the load balancer at once. A dead pod stays in
+    placement until its etcd lease runs out, and Envoy would go on choosing it meanwhile;
+    taken out, it leaves its subsets, so the next try of a request goes elsewhere (see
+    the subset strategy's ``failover_list``). Only local-origin failures count: answers,
+    errors included, are the pod's own business, as they are without this."""
+    cluster.outlier_detection.CopyFrom(
+        outlier_detection_pb2.OutlierDetection(
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=1),
+            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+            enforcing_local_origin_success_rate=wrappers_pb2.UInt32Value(value=0),
+            enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=0),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=0),
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+            # several pods may die together (a node); with none left, nothing would answer
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+        )
+    )
+    panic = cluster.common_lb_config.healthy_panic_threshold
+    panic.SetInParent()  # 0: a subset whose pods are all out has no pod, never a dead one
+    panic.value = 0
 
 
 def _default_retry_policy() -> route_components_pb2.RetryPolicy:

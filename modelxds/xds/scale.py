@@ -85,6 +85,7 @@ from modelxds.xds.builders import (
     rest_match,
     retry_policy,
     route_timeout,
+    unlimited_retries,
     virtual_host,
 )
 from modelxds.xds.cache import encode_field
@@ -372,6 +373,7 @@ def build_pod_cluster(
         connect_timeout=ms(options.connect_timeout_ms),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,  # among the others
         typed_extension_protocol_options=http2_upstream() if http2 else {},
+        circuit_breakers=unlimited_retries(),
     )
     apply_outlier_detection(cluster, outlier)
     return cluster

@@ -6,6 +6,16 @@ on that pod. A header_to_metadata filter copies the request's model (policy head
 ``mm-vmodel-id``, ``mm-model-id`` or the REST path) into the same key, and Envoy's
 subset load balancer with ``list_as_any`` picks a pod that holds it, falling back as
 the DestinationRule says when none does.
+
+Failover (ANY_ENDPOINT): Envoy's subset load balancer never leaves a subset it found,
+even when none of its pods is healthy (by design, envoyproxy/envoy#25654), so a retry
+of a model whose only holder died would go to that pod again until its lease runs out.
+The routes therefore carry a metadata ``fallback_list`` (the cluster's
+``metadata_fallback_policy: FALLBACK_LIST``): first the model's subset, then no subset
+at all (the model key set to a name no pod holds), which is the ANY_ENDPOINT fallback.
+The second is used when the first finds no healthy pod, so a pod taken out of the load
+balancer (outlier detection; without the DestinationRule's, ``eject_refusing_pods``)
+sends its models' next tries to the other pods.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from collections.abc import Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -36,6 +47,7 @@ from modelxds.xds.builders import (
     build_listener,
     cluster_name,
     eds_cluster,
+    eject_refusing_pods,
     error_doc,
     grpc_match,
     header_value,
@@ -58,6 +70,10 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9._/-]+")
 
 # Set by the routes while a destination has no live pod at all.
 NO_PODS_HEADER = "x-modelxds-no-pods"
+# The subset key Envoy reads a route's list of metadata to try in turn from
+FALLBACK_LIST = "fallback_list"
+# A model no pod holds: never a model id (the registry key would be the table's own)
+NO_SUCH_MODEL = ""
 
 _FALLBACK = {
     FallbackPolicy.ANY_ENDPOINT: cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
@@ -91,13 +107,16 @@ class SubsetStrategy:
         listeners: dict[str, Message] = {}
         routes: dict[str, Message] = {}
         for d in destinations(placement, policy, options):
+            failover = d.model_miss is FallbackPolicy.ANY_ENDPOINT
             grpc = cluster_name(d.fqdn, d.port)
-            clusters[grpc] = build_cluster(grpc, d.rule, options)
+            clusters[grpc] = build_cluster(grpc, d.rule, options, failover=failover)
             endpoints[grpc] = self.endpoints(grpc, d, d.port)
             rest = grpc
             if d.rest_port is not None:
                 rest = cluster_name(d.fqdn, d.rest_port, rest=True)
-                clusters[rest] = build_cluster(rest, d.rule, options, http2=False)
+                clusters[rest] = build_cluster(
+                    rest, d.rule, options, http2=False, failover=failover
+                )
                 endpoints[rest] = self.endpoints(rest, d, d.rest_port)
             # under NO_FALLBACK a request the subset LB finds no host for asks for a model
             # no pod holds, unless there is no pod at all: the routes say which (RDS, so
@@ -160,8 +179,15 @@ def _list_item(name: str) -> bytes:
 
 
 def build_cluster(
-    name: str, dr: DestinationRule, options: Options, *, http2: bool = True
+    name: str,
+    dr: DestinationRule,
+    options: Options,
+    *,
+    http2: bool = True,
+    failover: bool = False,
 ) -> cluster_pb2.Cluster:
+    """``failover``: a model whose pods are all out of the load balancer goes to the
+    ANY_ENDPOINT fallback (the module's docstring)."""
     Subset = cluster_pb2.Cluster.LbSubsetConfig
     subset = Subset(
         fallback_policy=_FALLBACK[dr.fallback_policy],
@@ -180,9 +206,24 @@ def build_cluster(
     cluster.lb_subset_config.CopyFrom(subset)
     cluster.common_lb_config.update_merge_window.CopyFrom(ms(options.update_merge_window_ms))
     # an ejected pod leaves every subset it is in: a retry, and the next requests for
-    # the model, go to its other holders
+    # the model, go to its other holders (or, with failover, to any pod)
     apply_outlier_detection(cluster, dr.outlier_detection)
+    if failover:
+        subset.metadata_fallback_policy = Subset.FALLBACK_LIST
+        cluster.lb_subset_config.CopyFrom(subset)
+        if dr.outlier_detection is None:
+            eject_refusing_pods(cluster)
     return cluster
+
+
+def failover_list(d: Destination) -> base_pb2.Metadata:
+    """A route's ``metadata_match``: the model's subset, and when it has no healthy pod,
+    no subset (the ANY_ENDPOINT fallback)."""
+    metadata = base_pb2.Metadata()
+    # first nothing changed (the request's own model), then a model no pod holds
+    fallbacks = [{}, {d.model_key: NO_SUCH_MODEL}]
+    metadata.filter_metadata[LB_NAMESPACE].update({FALLBACK_LIST: fallbacks})
+    return metadata
 
 
 def no_holder_reply(d: Destination) -> hcm_pb2.LocalReplyConfig:
@@ -251,6 +292,8 @@ def _route(
         ),
         request_headers_to_add=[balanced_header(rest=rest)],
     )
+    if d.model_miss is FallbackPolicy.ANY_ENDPOINT:
+        route.route.metadata_match.CopyFrom(failover_list(d))
     # With no pod at all, the subset LB's "no host" is no model miss: the request says
     # so, and no_holder_reply keeps Envoy's 503. A client's own such header is dropped.
     if pods_up:

@@ -1,0 +1,243 @@
+"""Pod faults with real processes: a mesh pod (a process of its own that keeps its own
+etcd lease) SIGKILLed while serving, and one SIGSTOPped (up, not answering), under a
+paced gRPC and REST load through a real Envoy programmed by `modelxds serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from modelxds.localmesh import processes
+from modelxds.localmesh.sample import DELAY_HEADER
+from modelxds.localmesh.stack import Stack, pod_host, pod_instance_id, seed_policy, wait_until
+from modelxds.modelmesh.registrar import PodRegistration
+from tests.e2e.gwclient import Client
+from tests.e2e.load import Request, paced_load
+from tests.e2e.test_churn import MODELS, REST_EVERY, add_copies, mixed_requests
+from tests.e2e.test_strategy_equivalence import LOADING_FOR_MS, PODS, STRATEGIES
+from tests.reliability import harness
+from tests.reliability.conftest import Recorder
+
+pytestmark = pytest.mark.e2e
+
+RATE = 100  # requests/s through the gateway, on schedule (open loop)
+WORKERS = 8
+LEASE_TTL = 5  # s: the pods' etcd leases, short so a dead pod leaves soon
+VICTIM = 0  # pod 0 holds m0 alone and m3, m5 with another pod (test_churn.HOLDERS)
+SLOW_MS = 1500  # how late the pods answer the requests a fault should find in flight
+IN_FLIGHT = 4
+
+
+@asynccontextmanager
+async def pod_stack(
+    tmp_path: Path,
+    strategy: str,
+    policy: Callable[[str], str] = lambda seed: seed,
+    lease_ttl: int = LEASE_TTL,
+) -> AsyncIterator[tuple[Stack, Client]]:
+    """The stack with each pod a process of its own, holding test_churn's models;
+    ``policy`` makes the policy from the seed's."""
+    gateway_port, pod_port = processes.free_port(), processes.free_port(pod_host(0))
+    stack = Stack(
+        tmp_path / strategy,
+        pods=PODS,
+        runtime="sample-process",
+        lease_ttl=lease_ttl,
+        pod_port=pod_port,
+        gateway_port=gateway_port,
+        policy_text=policy(seed_policy(gateway_port, pod_port)),
+        serve_args=("--strategy", strategy, "--loaded-after-ms", str(LOADING_FOR_MS)),
+    )
+    await stack.start()
+    client = Client(stack)
+    try:
+        for i in range(PODS):
+            # the copies are registry records, not leased: written for the pod from here
+            await add_copies(PodRegistration(stack.etcd, stack.layout, pod_instance_id(i), ""), i)
+        diff = await harness.until_exact(stack, 30, loaded_after_ms=LOADING_FOR_MS)
+        assert not diff, diff.describe()
+        yield stack, client
+    finally:
+        await client.close()
+        await stack.stop()
+
+
+async def until_gone(stack: Stack, instance_id: str, timeout: float) -> None:
+    """Until the gateway names ``instance_id`` nowhere (no model, not a fallback pod)."""
+    deadline = time.monotonic() + timeout
+    while any(e[3] == instance_id for e in await asyncio.to_thread(_endpoints, stack)):
+        assert time.monotonic() < deadline, f"{instance_id} still at the gateway"
+        await asyncio.sleep(0.05)
+
+
+def _endpoints(stack: Stack) -> set[harness.Endpoint]:
+    return harness.gateway_endpoints(stack.admin)
+
+
+def in_flight(client: Client, model: str, count: int) -> list[asyncio.Task[str]]:
+    """``count`` requests for ``model``, half gRPC and half REST, that its pod answers
+    only SLOW_MS late: still in flight at the pod when the test breaks it."""
+    delay = str(SLOW_MS)
+    return [
+        asyncio.create_task(
+            client.rest(model, {f"grpc-metadata-{DELAY_HEADER}": delay})
+            if k % 2
+            else client.grpc("x", [("model", model), (DELAY_HEADER, delay)])
+        )
+        for k in range(count)
+    ]
+
+
+def envoy_total(stack: Stack, stat: str) -> int:
+    """``cluster.<any>.<stat>`` summed over the gateway's clusters."""
+    text = processes.admin_get(stack.admin, f"/stats?filter={stat}")
+    pairs = (line.partition(": ") for line in text.splitlines())
+    return sum(
+        int(value)
+        for name, _, value in pairs
+        if name.startswith("cluster.") and name.endswith(f".{stat}")
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_a_pod_killed_while_serving_fails_no_request(
+    tmp_path: Path, strategy: str, fault_row: Recorder
+) -> None:
+    """A pod SIGKILLed under load, with requests in flight at it: those lose their
+    connection (retried on ``reset``), and the ones routed to it until it leaves find its
+    address refusing (``connect-failure``); each is retried on another holder, or for m0,
+    which it held alone, on another pod as ANY_ENDPOINT does. Its lease is not renewed,
+    so it leaves the gateway within the lease TTL of the kill, + 1 s for etcd's expiry
+    sweep (every 0.5 s), serve and Envoy."""
+    async with pod_stack(tmp_path, strategy) as (stack, client):
+        victim = pod_instance_id(VICTIM)
+        async with paced_load(mixed_requests(client), RATE, WORKERS) as load:
+            await asyncio.sleep(1)
+            cut = in_flight(client, "m0", IN_FLIGHT)
+            await asyncio.sleep(SLOW_MS / 3000)  # at the pod, a while from being answered
+            stack.nodes[victim].kill()
+            killed = time.monotonic()
+            await until_gone(stack, victim, LEASE_TTL + 10)
+            left = time.monotonic() - killed
+            diff = await harness.until_exact(stack, 30, loaded_after_ms=LOADING_FOR_MS)
+            converge = time.monotonic() - killed
+            await asyncio.sleep(1)  # and requests after it left
+        answers = await asyncio.gather(*cut, return_exceptions=True)
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        fault_row(
+            fault=f"mesh pod SIGKILLed while serving ({strategy})",
+            injected=f"SIGKILL the pod process, {IN_FLIGHT} requests in flight at it; "
+            f"its {LEASE_TTL} s lease runs out ({left:.1f} s to leave the gateway)",
+            requests=load.sent + len(cut),
+            failures=load.failures.total() + len(failed),
+            converge_s=round(converge, 2),
+            lost=diff.describe(),
+        )
+        print(f"{strategy}: {victim} left the gateway {left:.2f}s after the kill")
+        load.check(f"{strategy}: a pod killed")
+        assert not failed, failed
+        assert victim not in answers  # each answered by another pod, after the kill
+        # the kill did cut requests in flight (Envoy saw their connection close)
+        assert envoy_total(stack, "upstream_cx_destroy_remote_with_active_rq") >= 1
+        assert not diff, diff.describe()
+        assert left <= LEASE_TTL + 1, left
+
+
+# outlier detection that ejects a pod on its first timed-out try, and tries that time out
+PER_TRY_MS = 500
+BASE_EJECTION_S = 5
+INTERVAL_S = 1
+STOPPED_S = 3  # shorter than the ejection: the pod is back once its ejection is over
+STOP_LEASE_TTL = 10  # the stopped pod renews its lease again in time: it stays placed
+
+
+def ejecting(seed: str) -> str:
+    """The seed's policy with outlier detection and retries with a per-try timeout."""
+    return seed.replace(
+        "  trafficPolicy:\n",
+        "  trafficPolicy:\n"
+        "    outlierDetection:\n"
+        "      consecutiveGatewayErrors: 1\n"
+        f"      interval: {INTERVAL_S}s\n"
+        f"      baseEjectionTime: {BASE_EJECTION_S}s\n"
+        "      maxEjectionPercent: 100\n",
+    ).replace(
+        "    name: default\n",
+        "    name: default\n"
+        "    retries:\n"
+        "      attempts: 3\n"
+        f"      perTryTimeout: {PER_TRY_MS}ms\n"
+        "      retryOn: gateway-error,connect-failure,refused-stream,reset\n",
+    )
+
+
+def answered_by(client: Client, last: dict[str, float]) -> Request:
+    """test_churn's mixed requests, noting when each pod last answered one."""
+
+    async def request(i: int) -> str:
+        model, rest = MODELS[i // REST_EVERY % len(MODELS)], i % REST_EVERY == 0
+        pod = await (client.rest(model) if rest else client.grpc("x", [("model", model)]))
+        last[pod] = time.monotonic()
+        return "REST" if rest else "gRPC"
+
+    return request
+
+
+async def ejected(stack: Stack) -> bool:
+    """Whether the gateway has a pod ejected (Envoy's outlier detection), in any cluster."""
+    gauge = "outlier_detection.ejections_active"
+    return await asyncio.to_thread(envoy_total, stack, gauge) >= 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_a_pod_up_but_not_answering_is_ejected_and_fails_no_request(
+    tmp_path: Path, strategy: str, fault_row: Recorder
+) -> None:
+    """A pod SIGSTOPped under load: its sockets still accept, nothing answers. Each try
+    sent to it times out after perTryTimeout, a gateway error, which ejects it at once
+    (consecutiveGatewayErrors 1), and is retried elsewhere: another holder, or for m0,
+    which it holds alone, any pod (subset: the route's failover list, its one pod
+    ejected; scale: its cluster's other pods). Stopped for less than its lease TTL it
+    stays placed; after SIGCONT it serves again once its ejection is over."""
+    async with pod_stack(tmp_path, strategy, ejecting, STOP_LEASE_TTL) as (stack, client):
+        victim = pod_instance_id(VICTIM)
+        last: dict[str, float] = {}
+        async with paced_load(answered_by(client, last), RATE, WORKERS) as load:
+            await asyncio.sleep(1)
+            with harness.stopped(stack.nodes[victim]):
+                stopped = time.monotonic()
+                await wait_until(
+                    lambda: ejected(stack), STOPPED_S, "the stopped pod to be ejected", 0.02
+                )
+                ejected_s = time.monotonic() - stopped
+                await asyncio.sleep(stopped + STOPPED_S - time.monotonic())
+            resumed = time.monotonic()
+
+            async def serving() -> bool:
+                return last.get(victim, 0) > resumed
+
+            await wait_until(serving, BASE_EJECTION_S + 10, "the pod to serve again", 0.02)
+            back_s = time.monotonic() - resumed
+            await asyncio.sleep(1)
+        diff = await harness.compare(stack, loaded_after_ms=LOADING_FOR_MS)
+        fault_row(
+            fault=f"mesh pod up but not answering ({strategy})",
+            injected=f"SIGSTOP the pod process {STOPPED_S} s; outlierDetection "
+            f"consecutiveGatewayErrors 1, baseEjectionTime {BASE_EJECTION_S}s, retries with "
+            f"perTryTimeout {PER_TRY_MS}ms: ejected {ejected_s:.2f} s after the stop, "
+            f"served again {back_s:.2f} s after SIGCONT",
+            requests=load.sent,
+            failures=load.failures.total(),
+            converge_s=None,
+            lost=diff.describe(),
+        )
+        print(
+            f"{strategy}: ejected {ejected_s:.2f}s after SIGSTOP, back {back_s:.2f}s after SIGCONT"
+        )
+        load.check(f"{strategy}: a pod stopped")
+        assert not diff, diff.describe()  # it stayed placed, and the gateway says so
