@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -64,11 +65,12 @@ PODS = 10
 BATCH = 20  # concurrent puts, every BATCH / CHANGES_PER_S s
 DEBOUNCE_MAX_S = 1.0  # serve's --debounce-max-ms default: a push at least this often
 REQUESTS_PER_S = 50
-# serve's RSS peak over the churn's second half may exceed the first half's by this
-# much: a few configs' worth (one being built while the last is served, gRPC buffers
-# for 100 streams), far below what keeping anything per change would add (60,000
-# changes, at even 100 bytes each, is 6 MB) or per push and stream (~3,000 responses)
-RSS_MARGIN_MB = 8.0
+# serve's median RSS over the churn's second half may exceed the first half's by this
+# much: the medians are 30,000 changes apart, so keeping more than 100 bytes a change
+# fails (seen: medians 1 MB apart under both strategies). Medians, not peaks: a push's
+# responses to 100 streams come and go (RSS sampled each second under scale: 130 MB
+# most of the time, single readings from 110 to 207 MB)
+RSS_MARGIN_MB = 3.0
 # no response to any gateway for this long (above serve's debounce, at most 1 s): the
 # churn's last push is in
 SETTLE_S = 3.0
@@ -351,14 +353,15 @@ async def test_churn_of_1000_changes_a_second_with_100_gateways(
             for i, r in enumerate(final["responses"])
         ]
         most = max(n for p in pushes for n in p.values())
-        first = max(mb for at, mb in rss if at < CHURN_S / 2)
-        second = max(mb for at, mb in rss if at >= CHURN_S / 2)
+        first = statistics.median(mb for at, mb in rss if at < CHURN_S / 2)
+        second = statistics.median(mb for at, mb in rss if at >= CHURN_S / 2)
         clients = routed(inspect.read_config_dump(config_dump(final["resources"])))
         print(
             f"{strategy}: {churn.changes} changes in {took:.1f} s ({rate:.0f}/s); pushes per "
-            f"gateway and type at most {most}; serve RSS peak {first:.1f} MB in the first "
+            f"gateway and type at most {most}; serve RSS median {first:.1f} MB in the first "
             f"half, {second:.1f} MB in the second; settled {settled_s:.1f} s after the churn"
         )
+        print("RSS MB each second:", " ".join(f"{mb:.0f}" for _, mb in rss))
         exact = churn.routes() == in_etcd and all(
             names == in_etcd for names in [*envoy.values(), *clients.values()]
         )
@@ -375,8 +378,10 @@ async def test_churn_of_1000_changes_a_second_with_100_gateways(
         assert not final["ended"], f"streams ended: {final['ended']}"
         # memory: bounded
         assert second <= first + RSS_MARGIN_MB, rss
-        # coalesced: about one push per debounce window, not one per change
-        assert most <= CHURN_S / DEBOUNCE_MAX_S + 3, pushes[0]
+        # coalesced: a push per debounce window, not one per change (60,000) or batch
+        # (3,000); a window may follow a leading-edge push when the writes paused past
+        # serve's quiet period after a push (seen: 67 pushes in 60 s on 2 busy cores)
+        assert most <= 2 * CHURN_S / DEBOUNCE_MAX_S, pushes[0]
         # ... while updates still flowed during the churn, not only once it stopped
         assert min(max(p.values(), default=0) for p in pushes) >= CHURN_S / (4 * DEBOUNCE_MAX_S)
         # exact: every gateway holds the same config, the one Envoy runs, which routes
