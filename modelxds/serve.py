@@ -57,6 +57,11 @@ PLAINTEXT_WARNING = (
     "its own listeners and Lua; serve TLS with --xds-tls-cert and --xds-tls-key, and ask "
     "gateways for client certificates with --xds-client-ca (docs/security.md)"
 )
+ONE_WAY_TLS_WARNING = (
+    "xDS is served over TLS on %s without --xds-client-ca: any client that reaches it may "
+    "connect as any gateway node id and read every pod address; ask gateways for client "
+    "certificates with --xds-client-ca (docs/security.md)"
+)
 
 
 def policy_fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
@@ -84,8 +89,11 @@ async def serve(args: argparse.Namespace, layouts: Sequence[tuple[str, Layout]])
     except TlsConfigError as e:
         log.error("cannot serve xDS over TLS: %s", e)
         return 2
-    if credentials is None and not is_loopback(args.xds_address):
-        log.warning(PLAINTEXT_WARNING, args.xds_address)
+    if not is_loopback(args.xds_address):
+        if credentials is None:
+            log.warning(PLAINTEXT_WARNING, args.xds_address)
+        elif not args.xds_client_ca:
+            log.warning(ONE_WAY_TLS_WARNING, args.xds_address)
     # --kubernetes without files: nothing is served before the objects are read
     policy = Policy((), ()) if args.kubernetes else default_policy()
     if files is not None:

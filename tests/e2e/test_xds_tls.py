@@ -33,7 +33,7 @@ from modelxds.localmesh.sample import SampleBackend
 from modelxds.localmesh.stack import seed_policy, wait_until
 from modelxds.modelmesh import Layout
 from modelxds.modelmesh.registrar import PodRegistration, etcd_client
-from modelxds.serve import PLAINTEXT_WARNING
+from modelxds.serve import ONE_WAY_TLS_WARNING, PLAINTEXT_WARNING
 from tests.certs import Certs, make_certs, sans
 
 pytestmark = pytest.mark.e2e
@@ -241,17 +241,26 @@ async def test_clients_without_a_certificate_of_the_ca_are_refused(secure: Secur
 
 
 @pytest.mark.parametrize(
-    ("host", "warns"), [("0.0.0.0", True), ("127.0.0.1", False)], ids=["any", "loopback"]
+    ("host", "tls", "warning"),
+    [
+        ("0.0.0.0", False, PLAINTEXT_WARNING),
+        ("127.0.0.1", False, None),
+        ("0.0.0.0", True, ONE_WAY_TLS_WARNING),
+    ],
+    ids=["any", "loopback", "one-way-tls"],
 )
-def test_plaintext_beyond_loopback_warns_once_at_start(
-    etcd_url: str, tmp_path: Path, host: str, warns: bool
+def test_serving_gateways_without_proof_of_identity_beyond_loopback_warns_once_at_start(
+    etcd_url: str, tmp_path: Path, host: str, tls: bool, warning: str | None
 ) -> None:
     port = processes.free_port()
+    certs = make_certs(tmp_path / "certs")
+    flags = ("--xds-tls-cert", str(certs.server_cert), "--xds-tls-key", str(certs.server_key))
     serve = processes.spawn(
         "modelxds",
         [
             *(sys.executable, "-m", "modelxds.cli", "serve", "--etcd", etcd_url),
             *("--xds-address", f"{host}:{port}", "--metrics-address", ""),
+            *(flags if tls else ()),
         ],
         tmp_path,
     )
@@ -260,5 +269,5 @@ def test_plaintext_beyond_loopback_warns_once_at_start(
     finally:
         serve.stop()
     log = (tmp_path / "modelxds.log").read_text()
-    warning = PLAINTEXT_WARNING % f"{host}:{port}"
-    assert log.count(warning) == (1 if warns else 0), log
+    for each in (PLAINTEXT_WARNING, ONE_WAY_TLS_WARNING):
+        assert log.count(each % f"{host}:{port}") == (each == warning), log
