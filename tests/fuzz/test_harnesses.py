@@ -24,9 +24,10 @@ from tests.fuzz import checks, fuzz_etcd, fuzz_picker
 FUZZ = Path(__file__).resolve().parent
 CORPUS = FUZZ / "corpus"
 REPO = FUZZ.parents[1]
-# runs per harness: about 10 s each on one core (the etcd harness translates every input
-# four ways, the others parse); the time bound only guards a slow machine
-RUNS = {"etcd": 1000, "policy": 4000, "isvc": 20000, "picker": 20000}
+# runs per harness: 3-8 s each on a quiet machine, 25 s for all four (the etcd harness
+# translates every input four ways, the others parse); the time bound only guards a
+# busy machine, where it ends a run early
+RUNS = {"etcd": 1500, "policy": 6000, "isvc": 20000, "picker": 20000}
 MAX_SECONDS = 15
 SEED = 1
 _PROGRESS = re.compile(r"#\d+\s+[A-Z]+\s")  # "#891	REDUCE cov: ...": a line per corpus change
