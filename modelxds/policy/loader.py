@@ -54,6 +54,12 @@ _NO_WILDCARD = "wildcard hosts are not supported; name one Service"
 _HEADER_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Envoy refuses a route table whose domains hold a NUL, CR or LF; no Host has a space
 _HOST_NAME = re.compile(r"[^\x00-\x20\x7f]+")
+# what Kubernetes takes as a namespace (an RFC 1123 label) and as these objects' names (an
+# RFC 1123 subdomain): a namespace with a dot would read as <service>.<namespace> in host
+# names, and route one team's VirtualService to another team's pods
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_NAMESPACE = re.compile(_LABEL)
+_OBJECT_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 # a code point Python strings can hold but UTF-8 (protobuf, Envoy) cannot
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _OUTLIER = "spec.trafficPolicy.outlierDetection"
@@ -348,6 +354,16 @@ def _read_document(data: object, file: str, index: str, errors: list[str]) -> _D
     if metadata is not None:
         name = r.string(metadata, "name", "metadata.name", required=True)
         namespace = r.string(metadata, "namespace", "metadata.namespace") or namespace
+        for field, value, form, what in (
+            ("name", name, _OBJECT_NAME, "an object name"),
+            ("namespace", namespace, _NAMESPACE, "a namespace name"),
+        ):
+            if value is not None and not form.fullmatch(value):
+                r.error(
+                    f"metadata.{field}",
+                    f"{value[:100]!r} is not {what} Kubernetes takes (lower case letters, "
+                    f"digits and '-'{', and dots between them' if form is _OBJECT_NAME else ''})",
+                )
         annotations = r.section(metadata, "annotations", "metadata.annotations") or {}
     if name is not None:
         r.where = f"{at} ({kind} {namespace}/{name})"

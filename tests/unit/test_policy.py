@@ -530,6 +530,23 @@ def test_short_host_is_relative_to_the_asking_namespace() -> None:
     assert policy.destination_rule_for("modelmesh-serving.other.svc.cluster.local", NS) is None
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("namespace", "team.a"),  # would read as service "team" in namespace "a"
+        ("namespace", "Team-A"),
+        ("namespace", "a" * 64),
+        ("name", "vs_modelmesh"),
+        ("name", "-vs"),
+    ],
+)
+def test_a_name_or_namespace_kubernetes_would_refuse_is_refused(field: str, value: str) -> None:
+    docs = seed_docs()
+    docs[1]["metadata"][field] = value
+    errors = errors_of(dump(docs))
+    assert any(f"metadata.{field}: {value!r} is not" in e for e in errors), errors
+
+
 def test_destination_rule_in_another_namespace_does_not_match() -> None:
     docs = seed_docs()
     docs[0]["metadata"]["namespace"] = "elsewhere"
