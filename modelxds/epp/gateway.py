@@ -45,6 +45,7 @@ from modelxds.xds.builders import (
     ms,
     pack,
     retry_policy,
+    unlimited_retries,
 )
 
 EPP_CLUSTER = "modelxds-epp"
@@ -263,6 +264,8 @@ def _known_down_when_down(c: cluster_pb2.Cluster) -> None:
 def _pool_cluster(pool: Sequence[tuple[str, int]], http2: bool) -> cluster_pb2.Cluster:
     c = _cluster(POOL_CLUSTER, pool)
     c.load_balancing_policy.CopyFrom(override_host_policy())
+    # the retries that walk the picked list: a pod that dies wants them all at once
+    c.circuit_breakers.CopyFrom(unlimited_retries())
     if http2:
         _http2(c)
     return c

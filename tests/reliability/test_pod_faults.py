@@ -10,11 +10,23 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from modelxds.epp.exchange import DESTINATION_HEADER
 from modelxds.localmesh import processes
 from modelxds.localmesh.sample import DELAY_HEADER
-from modelxds.localmesh.stack import Stack, pod_host, pod_instance_id, seed_policy, wait_until
+from modelxds.localmesh.stack import (
+    EppGateway,
+    Stack,
+    pod_host,
+    pod_instance_id,
+    seed_policy,
+    wait_until,
+)
 from modelxds.modelmesh.registrar import PodRegistration
 from tests.e2e.gwclient import Client
 from tests.e2e.load import Request, paced_load
@@ -79,13 +91,17 @@ def _endpoints(stack: Stack) -> set[harness.Endpoint]:
     return harness.gateway_endpoints(stack.admin)
 
 
-def in_flight(client: Client, model: str, count: int) -> list[asyncio.Task[str]]:
-    """``count`` requests for ``model``, half gRPC and half REST, that its pod answers
-    only SLOW_MS late: still in flight at the pod when the test breaks it."""
+def in_flight(
+    client: Client, model: str, count: int, rest_client: Client | None = None
+) -> list[asyncio.Task[str]]:
+    """``count`` requests for ``model``, half gRPC and half REST (to ``rest_client``'s
+    gateway, if given), that its pod answers only SLOW_MS late: still in flight at the
+    pod when the test breaks it."""
     delay = str(SLOW_MS)
+    rest = rest_client or client
     return [
         asyncio.create_task(
-            client.rest(model, {f"grpc-metadata-{DELAY_HEADER}": delay})
+            rest.rest(model, {f"grpc-metadata-{DELAY_HEADER}": delay})
             if k % 2
             else client.grpc("x", [("model", model), (DELAY_HEADER, delay)])
         )
@@ -241,3 +257,135 @@ async def test_a_pod_up_but_not_answering_is_ejected_and_fails_no_request(
         )
         load.check(f"{strategy}: a pod stopped")
         assert not diff, diff.describe()  # it stayed placed, and the gateway says so
+
+
+async def picks(epp_port: int, model: str) -> list[str]:
+    """The ``ip:port`` list the picker at ``epp_port`` answers a REST request for
+    ``model`` with, asked over ext_proc as a gateway asks it."""
+    headers = {":method": "POST", ":path": f"/v2/models/{model}/infer", ":scheme": "http"}
+    request = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()
+                ]
+            )
+        )
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{epp_port}") as channel:
+        call = ep_grpc.ExternalProcessorStub(channel).Process(iter([request]), timeout=5)
+        async for response in call:
+            mutation = response.request_headers.response.header_mutation
+            for h in mutation.set_headers:
+                if h.header.key == DESTINATION_HEADER:
+                    value: bytes = h.header.raw_value
+                    return value.decode().split(",")
+            return []
+    return []
+
+
+async def picks_against_etcd(stack: Stack, gw: EppGateway, port: int) -> str:
+    """What the picker at ``gw`` picks for each model against a fresh read of etcd: its
+    holders first, then every other live pod (ANY_ENDPOINT), on ``port``. "none", or
+    what differs."""
+    report = await harness.fresh_read(stack, loaded_after_ms=LOADING_FOR_MS)
+    (mesh,) = report["namespaces"].values()
+    address = {iid: f"{inst['address']}:{port}" for iid, inst in mesh["instances"].items()}
+    wrong = []
+    for model in MODELS:
+        holders = {address[i] for i in mesh["models"][model]["loaded"]}
+        got = await picks(gw.epp_port, model)
+        if set(got[: len(holders)]) != holders or set(got) != set(address.values()):
+            wrong.append(f"{model}: {','.join(got)} (holders {sorted(holders)})")
+    return "; ".join(wrong) or "none"
+
+
+def picker_requests(grpc_client: Client, rest_client: Client) -> Request:
+    """test_churn's mixed requests, gRPC to one picker's gateway and REST to the other's."""
+
+    async def request(i: int) -> str:
+        model, rest = MODELS[i // REST_EVERY % len(MODELS)], i % REST_EVERY == 0
+        if rest:
+            await rest_client.rest(model)
+            return "REST"
+        await grpc_client.grpc("x", [("model", model)])
+        return "gRPC"
+
+    return request
+
+
+async def test_the_picker_drops_a_killed_pod_and_fails_no_request(
+    tmp_path: Path, fault_row: Recorder
+) -> None:
+    """Issue 11: gateways asking `modelxds epp` (ext_proc + override_host), one for gRPC
+    and one for REST, under load; a pod is SIGKILLed with requests in flight at it. The
+    picker lists a model's holders first, then the fallback pods, and the gateway's
+    retries walk that list: the cut requests and those picked for the dead pod until it
+    leaves go on to the next address. It leaves the picks within the lease TTL (+ 1 s)."""
+    stack = Stack(
+        tmp_path / "epp",
+        pods=PODS,
+        runtime="sample-process",
+        lease_ttl=LEASE_TTL,
+        gateway_kind="epp",
+    )
+    await stack.start()
+    try:
+        rest_gw = await stack.add_epp_gateway(stack.rest_port, app_protocol="http")
+        gws = stack.epp_gateways  # gRPC's, then REST's
+        pickers = [gw.epp_port for gw in gws]
+        grpc_client, rest_client = Client(stack), Client(stack, gateway=rest_gw.gateway)
+        victim = pod_instance_id(VICTIM)
+        dead = {f"{pod_host(VICTIM)}:{port}" for port in (stack.pod_port, stack.rest_port)}
+        try:
+            for i in range(PODS):
+                await add_copies(
+                    PodRegistration(stack.etcd, stack.layout, pod_instance_id(i), ""), i
+                )
+
+            async def placed() -> bool:
+                return all([(await picks(p, "m0"))[0] in dead for p in pickers])
+
+            await wait_until(placed, 30, "the pickers to pick m0's holder")
+            request = picker_requests(grpc_client, rest_client)
+            async with paced_load(request, RATE, WORKERS) as load:
+                await asyncio.sleep(1)
+                cut = in_flight(grpc_client, "m0", IN_FLIGHT, rest_client)
+                await asyncio.sleep(SLOW_MS / 3000)
+                stack.nodes[victim].kill()
+                killed = time.monotonic()
+
+                async def gone() -> bool:
+                    named = {a for p in pickers for m in MODELS for a in await picks(p, m)}
+                    return not named & dead
+
+                await wait_until(gone, LEASE_TTL + 10, f"{victim} to leave the picks")
+                left = time.monotonic() - killed
+                await asyncio.sleep(1)  # and requests after it left
+            answers = await asyncio.gather(*cut, return_exceptions=True)
+            ports = (stack.pod_port, stack.rest_port)
+            lost = [
+                await picks_against_etcd(stack, gw, port)
+                for gw, port in zip(gws, ports, strict=True)
+            ]
+        finally:
+            await grpc_client.close()
+            await rest_client.close()
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        fault_row(
+            fault="mesh pod SIGKILLed while serving (endpoint picker)",
+            injected=f"SIGKILL the pod process, {IN_FLIGHT} requests in flight at it; its "
+            f"{LEASE_TTL} s lease runs out ({left:.1f} s to leave the picks)",
+            requests=load.sent + len(cut),
+            failures=load.failures.total() + len(failed),
+            converge_s=round(left, 2),
+            lost="none" if lost == ["none", "none"] else "; ".join(lost),
+        )
+        print(f"epp: {victim} left the picks {left:.2f}s after the kill")
+        load.check("epp: a pod killed")
+        assert not failed, failed
+        assert victim not in answers
+        assert lost == ["none", "none"], lost
+        assert left <= LEASE_TTL + 1, left
+    finally:
+        await stack.stop()
