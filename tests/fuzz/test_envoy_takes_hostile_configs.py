@@ -5,7 +5,7 @@ instance ids and pod addresses in etcd. Whatever the loader or watcher lets thro
 to every gateway, and one resource Envoy refuses (a NACK) freezes that gateway's config.
 
 Fifty cases, drawn from a fixed seed, are translated one by one and judged together, a
-bootstrap per strategy and REST mode (`envoy --mode validate`, tests/fuzz/static_bootstrap):
+bootstrap per strategy and REST mode (`envoy --mode validate`, tests/static_bootstrap):
 each case has its own listener, destination and REST ports, so their resources never
 share a name. When Envoy refuses a batch, each case is judged alone to name the culprits.
 """
@@ -41,7 +41,7 @@ from modelxds.xds.scale import MODEL_HEADER, SHARD_HEADER, ScaleStrategy
 from modelxds.xds.subset import NO_PODS_HEADER, SubsetStrategy
 from tests.fuzz import checks
 from tests.fuzz.checks import LAYOUT, TRICKY_NAMES
-from tests.fuzz.static_bootstrap import envoy_refusal, static_bootstrap
+from tests.static_bootstrap import envoy_refusal, static_bootstrap
 
 CASES = 50
 SEED = 13
@@ -99,6 +99,19 @@ def hostile(rng: random.Random) -> str:
     return "".join(rng.choice(ODD_CHARS) for _ in range(rng.randint(1, 24)))
 
 
+def kube_name(rng: random.Random, *, dots: bool) -> str:
+    """A name Kubernetes (and the loader) takes, at the edges of its form: one character,
+    the longest label, digits first, dashes inside, dots between labels."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+    def label(size: int) -> str:
+        inner = "".join(rng.choice(alphabet + "-") for _ in range(max(0, size - 2)))
+        return (rng.choice(alphabet) + inner + rng.choice(alphabet))[:size]
+
+    labels = [label(rng.choice([1, 2, 5, 63])) for _ in range(rng.randint(1, 3) if dots else 1)]
+    return ".".join(labels)[:253]
+
+
 @dataclasses.dataclass
 class Case:
     index: int
@@ -111,9 +124,10 @@ class Case:
 
 
 def policy_docs(rng: random.Random, index: int) -> list[dict[str, Any]]:
-    """A DestinationRule and a VirtualService, every name in them drawn hostile, on ports
+    """A DestinationRule and a VirtualService, every name in them drawn hostile (but their
+    own names and namespace, which Kubernetes and the loader hold to its form), on ports
     only this case uses."""
-    namespace, host = hostile(rng), hostile(rng)
+    namespace, host = kube_name(rng, dots=False), hostile(rng)
     keys = [hostile(rng) for _ in range(rng.randint(1, 2))]
     headers = rng.sample(HEADERS, len(keys))
     # the model key alone (its own fallback), and every key together
@@ -154,7 +168,7 @@ def policy_docs(rng: random.Random, index: int) -> list[dict[str, Any]]:
         {
             "apiVersion": "networking.istio.io/v1beta1",
             "kind": "DestinationRule",
-            "metadata": {**meta, "name": hostile(rng)},
+            "metadata": {**meta, "name": kube_name(rng, dots=True)},
             "spec": {"host": host, "trafficPolicy": traffic},
         },
         {
@@ -162,7 +176,7 @@ def policy_docs(rng: random.Random, index: int) -> list[dict[str, Any]]:
             "kind": "VirtualService",
             "metadata": {
                 **meta,
-                "name": hostile(rng),
+                "name": kube_name(rng, dots=True),
                 "annotations": {REST_PORT_ANNOTATION: str(40000 + index)},
             },
             "spec": {"hosts": rng.sample(DOMAINS, rng.randint(1, 3)), "http": [route]},

@@ -12,33 +12,23 @@ import base64
 import dataclasses
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import config_source_pb2
-from envoy.config.route.v3 import route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
 from google.protobuf import json_format
 
 from modelxds.kserve import descriptor_set_bytes
-from modelxds.localmesh import processes
 from modelxds.modelmesh import InstanceRecord, LitelinksRecord, ModelRecord
 from modelxds.placement.model import Placement, build_mesh
 from modelxds.policy import parse_policy
 from modelxds.policy.seed import SEED_POLICY_YAML
-from modelxds.xds.builders import http_filter
 from modelxds.xds.ir import Options, RestMode, Strategy
-from modelxds.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+from modelxds.xds.resources import Resources
 from modelxds.xds.scale import ScaleStrategy
 from modelxds.xds.subset import SubsetStrategy
+from tests.static_bootstrap import envoy_refusal, static_bootstrap
 from tests.unit.test_translate import (
     KEY,
     NOW,
@@ -121,60 +111,8 @@ def test_golden(case: str, strategy: str) -> None:
 def test_envoy_accepts_the_config(case: str, strategy: str, tmp_path: Path) -> None:
     policy, placement, options = CASES[case]
     resources = STRATEGIES[strategy]()(placement(), parse_policy(policy), options)
-    config = tmp_path / "envoy.json"
-    config.write_text(json_format.MessageToJson(_static_bootstrap(resources)))
-    check = subprocess.run(
-        [processes.binary("envoy"), "--mode", "validate", "--disable-hot-restart", "-c", config],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
-
-
-def _static_bootstrap(resources: Resources) -> bootstrap_pb2.Bootstrap:
-    """``resources`` as static config Envoy validates whole: EDS clusters with their
-    endpoints inline, the listeners as they are (their routes over ADS, which validation
-    does not fetch), and each route table inline in a listener of its own."""
-    boot = bootstrap_pb2.Bootstrap()
-    boot.node.id = boot.node.cluster = "validate"
-    ads = boot.dynamic_resources.ads_config
-    ads.api_type = config_source_pb2.ApiConfigSource.GRPC
-    ads.transport_api_version = config_source_pb2.V3
-    ads.grpc_services.add().envoy_grpc.cluster_name = "xds"
-    static = boot.static_resources
-    static.clusters.add().CopyFrom(_static_cluster("xds", ("127.0.0.1", 18000)))
-    for name, msg in sorted(resources[CLUSTER].items()):
-        cluster = static.clusters.add()
-        cluster.CopyFrom(msg)
-        if cluster.type == cluster_pb2.Cluster.EDS:
-            cluster.type = cluster_pb2.Cluster.STATIC
-            cluster.ClearField("eds_cluster_config")
-            cluster.load_assignment.CopyFrom(resources[ENDPOINT][name])
-    for msg in resources[LISTENER].values():
-        static.listeners.add().CopyFrom(msg)
-    for i, (name, table) in enumerate(sorted(resources[ROUTE].items())):
-        assert isinstance(table, route_pb2.RouteConfiguration)
-        hcm = hcm_pb2.HttpConnectionManager(
-            stat_prefix=f"table_{i}",
-            route_config=table,
-            http_filters=[http_filter("envoy.filters.http.router", router_pb2.Router())],
-        )
-        listener = static.listeners.add(name=f"table {name}")
-        listener.address.socket_address.address = "127.0.0.1"
-        listener.address.socket_address.port_value = 20000 + i
-        listener.filter_chains.add().filters.add(
-            name="envoy.filters.network.http_connection_manager"
-        ).typed_config.Pack(hcm)
-    return boot
-
-
-def _static_cluster(name: str, address: tuple[str, int]) -> cluster_pb2.Cluster:
-    cluster = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC)
-    cluster.load_assignment.cluster_name = name
-    endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
-    endpoint.address.socket_address.address, endpoint.address.socket_address.port_value = address
-    return cluster
+    refusal = envoy_refusal(static_bootstrap(resources), tmp_path)
+    assert refusal is None, refusal
 
 
 def _dump(resources: Resources) -> dict[str, Any]:
