@@ -399,6 +399,13 @@ def eject_refusing_pods(cluster: cluster_pb2.Cluster) -> None:
             enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
             # several pods may die together (a node); with none left, nothing would answer
             max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+            # short: a pod that refused for a moment (or every pod, in a network blip) is
+            # back within seconds; a dead one is ejected again by its next refusal, each
+            # time longer, up to the max, until its lease runs out (Envoy's defaults: 30 s
+            # from the first, up to 300 s, returned by a sweep every 10 s)
+            interval=ms(1000),
+            base_ejection_time=ms(1000),
+            max_ejection_time=ms(5000),
         )
     )
     panic = cluster.common_lb_config.healthy_panic_threshold

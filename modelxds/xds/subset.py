@@ -191,6 +191,10 @@ def build_cluster(
     Subset = cluster_pb2.Cluster.LbSubsetConfig
     subset = Subset(
         fallback_policy=_FALLBACK[dr.fallback_policy],
+        # whatever the fallback: a policy change swaps clusters and routes in separate
+        # updates (CDS, then a cluster warms, RDS), and a route's fallback_list read by a
+        # cluster without this names no subset: no healthy upstream for every request
+        metadata_fallback_policy=Subset.FALLBACK_LIST,
         subset_selectors=[
             Subset.LbSubsetSelector(
                 keys=list(s.keys), fallback_policy=_SELECTOR_FALLBACK[s.fallback_policy]
@@ -208,11 +212,8 @@ def build_cluster(
     # an ejected pod leaves every subset it is in: a retry, and the next requests for
     # the model, go to its other holders (or, with failover, to any pod)
     apply_outlier_detection(cluster, dr.outlier_detection)
-    if failover:
-        subset.metadata_fallback_policy = Subset.FALLBACK_LIST
-        cluster.lb_subset_config.CopyFrom(subset)
-        if dr.outlier_detection is None:
-            eject_refusing_pods(cluster)
+    if failover and dr.outlier_detection is None:
+        eject_refusing_pods(cluster)
     return cluster
 
 
