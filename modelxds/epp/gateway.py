@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -40,6 +40,7 @@ from modelxds.epp.exchange import DESTINATION_HEADER, SUBSET_NAMESPACE
 from modelxds.xds.builders import (
     LB_NAMESPACE,
     NO_TIMEOUT,
+    eject_on_refused_connection,
     http2_upstream,
     http_filter,
     ms,
@@ -243,22 +244,7 @@ def _known_down_when_down(c: cluster_pb2.Cluster) -> None:
             ),
         )
     )
-    c.outlier_detection.CopyFrom(
-        outlier_detection_pb2.OutlierDetection(
-            split_external_local_origin_errors=True,
-            consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=1),
-            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
-            # the picker's answers are not the pool's: only connection failures eject it
-            enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=0),
-            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=0),
-            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
-            max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
-            base_ejection_time=ms(1000),
-        )
-    )
-    panic = c.common_lb_config.healthy_panic_threshold
-    panic.SetInParent()  # 0 must be sent: absent is Envoy's 50 %
-    panic.value = 0
+    eject_on_refused_connection(c)
 
 
 def _pool_cluster(pool: Sequence[tuple[str, int]], http2: bool) -> cluster_pb2.Cluster:

@@ -381,13 +381,17 @@ def apply_outlier_detection(cluster: cluster_pb2.Cluster, od: OutlierDetection |
     panic.value = od.min_health_percent
 
 
-def eject_refusing_pods(cluster: cluster_pb2.Cluster) -> None:
-    """Without the DestinationRule's ``outlierDetection``: a pod that refuses a connection
-    (or drops one) is taken out of the load balancer at once. A dead pod stays in
-    placement until its etcd lease runs out, and Envoy would go on choosing it meanwhile;
-    taken out, it leaves its subsets, so the next try of a request goes elsewhere (see
-    the subset strategy's ``failover_list``). Only local-origin failures count: answers,
-    errors included, are the pod's own business, as they are without this."""
+def eject_on_refused_connection(cluster: cluster_pb2.Cluster) -> None:
+    """A host that refuses (or drops) a connection is taken out of the load balancer at
+    once, however few hosts are left, and nothing unhealthy is chosen anyway (panic
+    threshold 0). Only local-origin failures count: a host's answers, errors included,
+    are its own business.
+
+    The subset strategy's pods without the DestinationRule's ``outlierDetection``: a
+    dead pod stays in placement until its etcd lease runs out, and Envoy would go on
+    choosing it meanwhile; taken out, it leaves its subsets, so the next try of a
+    request goes elsewhere (``subset.failover_list``). The endpoint picker's gateway: a
+    stream to a picker known down fails open (``epp.gateway``)."""
     cluster.outlier_detection.CopyFrom(
         outlier_detection_pb2.OutlierDetection(
             split_external_local_origin_errors=True,

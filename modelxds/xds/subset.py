@@ -14,7 +14,7 @@ The routes therefore carry a metadata ``fallback_list`` (the cluster's
 ``metadata_fallback_policy: FALLBACK_LIST``): first the model's subset, then no subset
 at all (the model key set to a name no pod holds), which is the ANY_ENDPOINT fallback.
 The second is used when the first finds no healthy pod, so a pod taken out of the load
-balancer (outlier detection; without the DestinationRule's, ``eject_refusing_pods``)
+balancer (outlier detection; without the DestinationRule's, ``eject_on_refused_connection``)
 sends its models' next tries to the other pods.
 """
 
@@ -47,7 +47,7 @@ from modelxds.xds.builders import (
     build_listener,
     cluster_name,
     eds_cluster,
-    eject_refusing_pods,
+    eject_on_refused_connection,
     error_doc,
     grpc_match,
     header_value,
@@ -213,7 +213,7 @@ def build_cluster(
     # the model, go to its other holders (or, with failover, to any pod)
     apply_outlier_detection(cluster, dr.outlier_detection)
     if failover and dr.outlier_detection is None:
-        eject_refusing_pods(cluster)
+        eject_on_refused_connection(cluster)
     return cluster
 
 

@@ -54,6 +54,13 @@ def render(rows: list[Row]) -> str:
         "the gateways' config equals a fresh read of etcd; *lost* must be none: no endpoint",
         "missing, none made up, no change dropped.",
         "",
+        "Bad input and security have tests of their own, in `make test` too: hostile",
+        "etcd records, policies, InferenceServices and requests (`tests/unit/test_fuzz_inputs.py`,",
+        "the atheris harnesses of `tests/fuzz`, and a real Envoy validating configs made from",
+        "hostile input: `tests/fuzz/test_envoy_takes_hostile_configs.py`), and TLS, mutual",
+        "TLS and node identity on the xDS port (`tests/e2e/test_xds_tls.py`,",
+        "[security.md](security.md)).",
+        "",
         f"Regenerate with `{COMMAND}` (it runs the suite and writes this file).",
         f"Machine of this run: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}.",
