@@ -118,19 +118,11 @@ def rest_bytes(output: dict[str, Any]) -> list[bytes]:
     return [base64.b64decode(v) for v in output["contents"]["bytes_contents"]]
 
 
-async def gateway_status(stack: Stack) -> list[dict[str, Any]]:
-    """`modelxds status --json`: per gateway, the config status of each xDS type."""
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "modelxds.cli",
-            "status",
-            "--xds",
-            f"127.0.0.1:{stack.xds_port}",
-            "--json",
-        ],
+def xds_status(address: str) -> list[dict[str, Any]]:
+    """`modelxds status --json` of the control plane at ``address``: per gateway, the
+    config status of each xDS type."""
+    out = subprocess.run(
+        [sys.executable, "-m", "modelxds.cli", "status", "--xds", address, "--json"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -138,3 +130,8 @@ async def gateway_status(stack: Stack) -> list[dict[str, Any]]:
     assert out.returncode == 0, out.stderr
     rows: list[dict[str, Any]] = json.loads(out.stdout)
     return rows
+
+
+async def gateway_status(stack: Stack) -> list[dict[str, Any]]:
+    """`modelxds status --json` of the stack's `modelxds serve`."""
+    return await asyncio.to_thread(xds_status, f"127.0.0.1:{stack.xds_port}")

@@ -184,19 +184,6 @@ def connected_ports(pid: int) -> set[int]:
     return ports
 
 
-def xds_status(address: str) -> list[dict[str, Any]]:
-    """`modelxds status --json` of the control plane at ``address``: its gateways."""
-    out = subprocess.run(
-        [sys.executable, "-m", "modelxds.cli", "status", "--xds", address, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    rows: list[dict[str, Any]] = json.loads(out.stdout)
-    return rows
-
-
 def synced(rows: list[dict[str, Any]], gateway: str) -> bool:
     """Whether ``gateway`` is listed and ACKed every type it was sent."""
     mine = [r for r in rows if r["gateway"] == gateway]

@@ -14,7 +14,7 @@ import pytest
 from modelxds.localmesh import processes
 from modelxds.localmesh.stack import pod_host, pod_instance_id
 from modelxds.xds.bootstrap import XDS_KEEPALIVE, bootstrap
-from tests.e2e.gwclient import gateway_status
+from tests.e2e.gwclient import gateway_status, xds_status
 from tests.e2e.load import paced_load
 from tests.e2e.test_churn import hold_models, mixed_requests
 from tests.e2e.test_strategy_equivalence import LOADED_LONG_AGO, LOADING_FOR_MS, gateway
@@ -99,7 +99,7 @@ async def test_half_open_replica(tmp_path: Path, fault_row: Recorder) -> None:
         assert not await harness.until_exact(stack, 30)
 
         def streaming_from() -> list[str]:
-            return [a for a in replicas if harness.synced(harness.xds_status(a), GATEWAY)]
+            return [a for a in replicas if harness.synced(xds_status(a), GATEWAY)]
 
         (used,) = await asyncio.to_thread(streaming_from)
         (other,) = set(replicas) - {used}
@@ -109,9 +109,7 @@ async def test_half_open_replica(tmp_path: Path, fault_row: Recorder) -> None:
                 stopped = time.monotonic()
                 await slots[2].add_copy("m0", started_ms=LOADED_LONG_AGO)
                 bound = 2 * detection_bound_s() + 5
-                while not harness.synced(
-                    await asyncio.to_thread(harness.xds_status, other), GATEWAY
-                ):
+                while not harness.synced(await asyncio.to_thread(xds_status, other), GATEWAY):
                     assert time.monotonic() - stopped < bound + 10, "the gateway never moved"
                     await asyncio.sleep(0.5)
                 moved = time.monotonic() - stopped
