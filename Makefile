@@ -9,7 +9,8 @@ MLSTAMP := $(MLVENV)/.installed
 MODELS := .run/models
 
 .PHONY: setup setup-mlserver models run demo test unit e2e fuzz lint proto bench-convergence \
-	bench-build bench-stall reliability bench-scale-large bench-first-config bench-epp compare clean
+	bench-build bench-stall reliability bench-scale-large bench-first-config bench-epp compare \
+	compare-epp clean
 
 setup: $(STAMP) $(MLSTAMP)
 
@@ -72,6 +73,12 @@ bench-convergence: setup
 
 compare: setup models
 	$(PY) -m modelxds.bench.compare --out bench-results/compare.json --png docs/compare.png
+
+# the endpoint picker's gateway beside the modelxds gateway and direct (about 8 minutes)
+compare-epp: setup models
+	$(PY) -m modelxds.bench.compare --pods 3 --models 60 --copies 1 -qps 100 -c 1 -t 60s \
+		--rounds 4 --gateway-workers 1 --protocols grpc,rest --modes subsets,direct,epp \
+		--out bench-results/compare-epp.json --png bench-results/compare-epp.png
 
 bench-build: setup
 	$(PY) -m modelxds.bench.build --out bench-results/build.json

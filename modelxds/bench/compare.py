@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--storage", default=".run/models", help="sample models (make models)")
     p.add_argument("--out", default="bench-results/compare.json")
-    p.add_argument("--png", default="docs/compare.png")
+    p.add_argument("--png", default="bench-results/compare.png")
     args = p.parse_args(argv)
     args.protocols = [x for x in args.protocols.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
