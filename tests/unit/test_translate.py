@@ -418,7 +418,7 @@ def test_without_timeout_and_retries_routes_never_time_out_and_keep_the_default_
     grpc = _routes(translate_subset(_placement(), default_policy(), OPTIONS))[0].route
     assert grpc.HasField("timeout") and grpc.timeout.ToMilliseconds() == 0  # 0: none
     assert grpc.retry_policy.retry_on == "connect-failure,refused-stream,reset"
-    assert grpc.retry_policy.num_retries.value == 2
+    assert grpc.retry_policy.num_retries.value == 4
     assert not grpc.retry_policy.HasField("per_try_timeout")
 
 
