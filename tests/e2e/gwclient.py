@@ -9,7 +9,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -135,3 +136,17 @@ def xds_status(address: str) -> list[dict[str, Any]]:
 async def gateway_status(stack: Stack) -> list[dict[str, Any]]:
     """`modelxds status --json` of the stack's `modelxds serve`."""
     return await asyncio.to_thread(xds_status, f"127.0.0.1:{stack.xds_port}")
+
+
+@asynccontextmanager
+async def serving(stack: Stack) -> AsyncIterator[Client]:
+    """``stack`` started, with a client of its gateway; both closed when the block ends."""
+    await stack.start()
+    try:
+        client = Client(stack)
+        try:
+            yield client
+        finally:
+            await client.close()
+    finally:
+        await stack.stop()

@@ -22,7 +22,7 @@ from modelxds.localmesh.stack import Stack, pod_host, pod_instance_id, seed_poli
 from modelxds.modelmesh.records import ModelRecord, VModelRecord
 from modelxds.modelmesh.registrar import put_vmodel, update_model, with_copy
 from modelxds.placement.watch import PlacementWatcher
-from tests.e2e.gwclient import Client
+from tests.e2e.gwclient import Client, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -134,13 +134,8 @@ async def gateway(
         ),
         serve_args=("--strategy", strategy, "--loaded-after-ms", str(LOADING_FOR_MS)),
     )
-    await stack.start()
-    client = Client(stack)
-    try:
+    async with serving(stack) as client:
         yield stack, client
-    finally:
-        await client.close()
-        await stack.stop()
 
 
 @pytest.mark.parametrize("seed", range(5))

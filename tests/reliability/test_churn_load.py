@@ -52,7 +52,7 @@ from modelxds.xds.resources import (
     SCOPED_ROUTE,
     SHORT_NAMES,
 )
-from tests.e2e.gwclient import Client, gateway_status
+from tests.e2e.gwclient import Client, gateway_status, serving
 from tests.e2e.load import paced_load
 from tests.e2e.test_strategy_equivalence import LOADED_LONG_AGO
 from tests.reliability.conftest import Recorder
@@ -235,13 +235,8 @@ async def churn_stack(tmp_path: Path, strategy: str) -> AsyncIterator[tuple[Stac
         policy_text=seed_policy(gateway_port, pod_port),
         serve_args=("--strategy", strategy),
     )
-    await stack.start()
-    client = Client(stack)
-    try:
+    async with serving(stack) as client:
         yield stack, client
-    finally:
-        await client.close()
-        await stack.stop()
 
 
 def placement_in_etcd(stack: Stack) -> dict[str, list[str]]:

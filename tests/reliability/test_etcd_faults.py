@@ -15,7 +15,7 @@ import pytest
 from modelxds.localmesh import processes
 from modelxds.localmesh.stack import Stack, pod_instance_id, wait_until
 from modelxds.modelmesh import Table
-from tests.e2e.gwclient import Client
+from tests.e2e.gwclient import serving
 from tests.e2e.load import paced_load
 from tests.e2e.test_churn import hold_models, mixed_requests
 from tests.e2e.test_strategy_equivalence import LOADED_LONG_AGO, LOADING_FOR_MS, gateway
@@ -178,41 +178,34 @@ async def test_etcd_member_in_use_killed(tmp_path: Path, fault_row: Recorder) ->
         serve_args=("--etcd", urls, "--strategy", "subset"),
     )
     stack.processes.extend(members)  # stopped with the stack
-    try:
-        await stack.start()
-        client = Client(stack)
-        try:
-            slots = await hold_models(stack, client)
-            serve = next(p for p in stack.processes if p.name == "modelxds")
-            first = ports[0][0]
-            assert first in ss_ports(serve), ss_ports(serve)
-            async with paced_load(mixed_requests(client), RATE, WORKERS) as load:
-                await asyncio.sleep(1)
-                members[0].kill()
-                killed = time.monotonic()
-                # a write fails while the others elect a leader (if it was one): retried
-                await retried(lambda: slots[2].add_copy("m0", started_ms=LOADED_LONG_AGO), "write")
-                diff = await harness.until_exact(stack, 30)
-                converge = time.monotonic() - killed
-                await asyncio.sleep(1)
-            now_on = ss_ports(serve) & {c for c, _ in ports}
-            fault_row(
-                fault="etcd member in use killed (3-member cluster)",
-                injected="SIGKILL the member serve watches through; a copy added after",
-                requests=load.sent,
-                failures=load.failures.total(),
-                converge_s=round(converge, 2),
-                lost=diff.describe(),
-            )
-            load.check("etcd member killed")
-            assert not diff, diff.describe()
-            assert now_on and first not in now_on, now_on
-            routes = await asyncio.to_thread(harness.gateway_endpoints, stack.admin)
-            assert {e[3] for e in routes if e[2] == "m0"} == {
-                pod_instance_id(0),
-                pod_instance_id(2),
-            }
-        finally:
-            await client.close()
-    finally:
-        await stack.stop()
+    async with serving(stack) as client:
+        slots = await hold_models(stack, client)
+        serve = next(p for p in stack.processes if p.name == "modelxds")
+        first = ports[0][0]
+        assert first in ss_ports(serve), ss_ports(serve)
+        async with paced_load(mixed_requests(client), RATE, WORKERS) as load:
+            await asyncio.sleep(1)
+            members[0].kill()
+            killed = time.monotonic()
+            # a write fails while the others elect a leader (if it was one): retried
+            await retried(lambda: slots[2].add_copy("m0", started_ms=LOADED_LONG_AGO), "write")
+            diff = await harness.until_exact(stack, 30)
+            converge = time.monotonic() - killed
+            await asyncio.sleep(1)
+        now_on = ss_ports(serve) & {c for c, _ in ports}
+        fault_row(
+            fault="etcd member in use killed (3-member cluster)",
+            injected="SIGKILL the member serve watches through; a copy added after",
+            requests=load.sent,
+            failures=load.failures.total(),
+            converge_s=round(converge, 2),
+            lost=diff.describe(),
+        )
+        load.check("etcd member killed")
+        assert not diff, diff.describe()
+        assert now_on and first not in now_on, now_on
+        routes = await asyncio.to_thread(harness.gateway_endpoints, stack.admin)
+        assert {e[3] for e in routes if e[2] == "m0"} == {
+            pod_instance_id(0),
+            pod_instance_id(2),
+        }

@@ -28,7 +28,7 @@ from modelxds.localmesh.stack import (
     wait_until,
 )
 from modelxds.modelmesh.registrar import PodRegistration
-from tests.e2e.gwclient import Client
+from tests.e2e.gwclient import Client, serving
 from tests.e2e.load import Request, paced_load
 from tests.e2e.test_churn import MODELS, REST_EVERY, add_copies, mixed_requests
 from tests.e2e.test_strategy_equivalence import LOADING_FOR_MS, PODS, STRATEGIES
@@ -65,18 +65,13 @@ async def pod_stack(
         policy_text=policy(seed_policy(gateway_port, pod_port)),
         serve_args=("--strategy", strategy, "--loaded-after-ms", str(LOADING_FOR_MS)),
     )
-    await stack.start()
-    client = Client(stack)
-    try:
+    async with serving(stack) as client:
         for i in range(PODS):
             # the copies are registry records, not leased: written for the pod from here
             await add_copies(PodRegistration(stack.etcd, stack.layout, pod_instance_id(i), ""), i)
         diff = await harness.until_exact(stack, 30, loaded_after_ms=LOADING_FOR_MS)
         assert not diff, diff.describe()
         yield stack, client
-    finally:
-        await client.close()
-        await stack.stop()
 
 
 async def until_gone(stack: Stack, instance_id: str, timeout: float) -> None:

@@ -12,22 +12,9 @@ import pytest
 
 from modelxds.bench.adsclient import GatewayClient
 from modelxds.localmesh import processes
-from modelxds.localmesh.stack import Stack
 from tests.e2e.test_strategy_equivalence import STRATEGIES, gateway, random_spec, write_spec
 from tests.reliability.conftest import Recorder
 from tests.reliability.test_gateway_faults import running, until_settled
-
-
-async def start_replica(stack: Stack) -> int:
-    """A second `modelxds serve` with the stack's own arguments, on ports of its own;
-    returns its xDS port."""
-    ports = stack.xds_port, stack.metrics_port
-    stack.xds_port, stack.metrics_port = processes.free_port(), processes.free_port()
-    try:
-        await stack.start_serve()
-        return stack.xds_port
-    finally:
-        stack.xds_port, stack.metrics_port = ports
 
 
 def differences(a: GatewayClient, b: GatewayClient) -> list[str]:
@@ -48,7 +35,8 @@ async def test_two_replicas_serve_identical_bytes(
     async with gateway(tmp_path, strategy) as (stack, _):
         # copies loaded, loading and failed, dead pods, InferenceServices
         await write_spec(stack, random_spec(11))
-        second = await start_replica(stack)
+        second = processes.free_port()
+        await stack.start_serve(second, processes.free_port())  # a replica on ports of its own
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{stack.xds_port}") as one,
             grpc.aio.insecure_channel(f"127.0.0.1:{second}") as two,
